@@ -1,0 +1,741 @@
+"""A local Kubernetes cluster made of real upstream binaries, run as plain processes.
+
+etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the KWOK controller (simulated
+nodes: no kubelet, no containers) and the KubeRay operator, all built from Go modules by
+e2e/build.sh, with TLS between every component and RBAC on, the way controller-runtime's envtest
+runs a control plane, plus a scheduler and controllers so that pods really get placed.
+
+    python e2e/localcluster.py up       start (or reuse a healthy running cluster)
+    python e2e/localcluster.py down     stop every process of this cluster
+    python e2e/localcluster.py status   exit 0 when the cluster is up and healthy
+    python e2e/localcluster.py nodes [FILE]   (re)apply the simulated node set
+
+Processes are identified by the state directory in their command line (.cluster/ in the repo by
+default), so processes left over by a crashed run are found and replaced, never duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+E2E_DIR = Path(__file__).resolve().parent
+REPO = E2E_DIR.parent
+STATE = Path(os.environ.get("TRAMONTANE_CLUSTER_DIR", REPO / ".cluster")).resolve()
+CACHE = Path(os.environ.get("TRAMONTANE_CACHE", Path.home() / ".cache" / "tramontane"))
+NODES_FILE = E2E_DIR / "nodes.yaml"
+
+PORTS = {
+    "etcd": int(os.environ.get("TRAMONTANE_ETCD_PORT", "12379")),
+    "etcd-peer": int(os.environ.get("TRAMONTANE_ETCD_PEER_PORT", "12380")),
+    "kube-apiserver": int(os.environ.get("TRAMONTANE_APISERVER_PORT", "16443")),
+    "kube-controller-manager": int(os.environ.get("TRAMONTANE_KCM_PORT", "17257")),
+    "kube-scheduler": int(os.environ.get("TRAMONTANE_SCHEDULER_PORT", "17259")),
+    "kwok": int(os.environ.get("TRAMONTANE_KWOK_PORT", "17247")),
+    "kuberay-metrics": int(os.environ.get("TRAMONTANE_KUBERAY_METRICS_PORT", "17080")),
+    "kuberay": int(os.environ.get("TRAMONTANE_KUBERAY_PROBE_PORT", "17082")),
+}
+SERVICE_CIDR = "10.96.0.0/16"
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+# Start order; stopped in reverse.
+COMPONENTS = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "kuberay",
+]
+
+
+def log(message: str) -> None:
+    print(f"[cluster] {message}", file=sys.stderr, flush=True)
+
+
+class ClusterError(RuntimeError):
+    """A prerequisite is missing or a component failed to become healthy."""
+
+
+def versions() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for raw in (E2E_DIR / "versions.env").read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pins[key] = value
+    return pins
+
+
+def artifact_dirs() -> dict[str, Path]:
+    pins = versions()
+    return {
+        "etcd": CACHE / f"etcd-{pins['ETCD_VERSION']}",
+        "kubernetes": CACHE / f"kubernetes-{pins['KUBERNETES_VERSION']}",
+        "kwok": CACHE / f"kwok-{pins['KWOK_VERSION']}",
+        "kuberay": CACHE / f"kuberay-{pins['KUBERAY_VERSION']}",
+        "prometheus-operator-crds": CACHE
+        / f"prometheus-operator-crds-{pins['PROMETHEUS_OPERATOR_VERSION']}",
+    }
+
+
+# --------------------------------------------------------------------------------------- PKI
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@dataclass(frozen=True)
+class CertSpec:
+    name: str
+    common_name: str
+    organization: str | None = None
+    server_names: tuple[str, ...] = ()  # DNS names and IPs for serving certificates
+
+
+def _cert_specs() -> list[CertSpec]:
+    api_names = (
+        "localhost",
+        "127.0.0.1",
+        "10.96.0.1",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    )
+    return [
+        CertSpec("etcd-server", "etcd", server_names=("localhost", "127.0.0.1")),
+        CertSpec("etcd-client", "kube-apiserver-etcd-client"),
+        CertSpec("kube-apiserver", "kube-apiserver", server_names=api_names),
+        CertSpec("kwok-server", "kwok", server_names=("localhost", "127.0.0.1")),
+        # Clients. The built-in RBAC bootstrap policy grants the control-plane identities.
+        CertSpec("admin", "tramontane-admin", "system:masters"),
+        CertSpec("kube-controller-manager", "system:kube-controller-manager"),
+        CertSpec("kube-scheduler", "system:kube-scheduler"),
+        # KWOK stands in for every kubelet, it writes node and pod status cluster-wide.
+        CertSpec("kwok", "kwok-controller", "system:masters"),
+        # KubeRay gets only its upstream ClusterRole (bound in _install_addons).
+        CertSpec("kuberay", "kuberay-operator"),
+    ]
+
+
+def ensure_pki() -> Path:
+    pki = STATE / "pki"
+    pki.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_crt = pki / "ca.key", pki / "ca.crt"
+    if not ca_crt.exists():
+        _openssl("genrsa", "-out", str(ca_key), "2048")
+        _openssl(
+            "req", "-x509", "-new", "-key", str(ca_key), "-days", "3650",
+            "-subj", "/CN=tramontane-local-ca", "-out", str(ca_crt),
+        )  # fmt: skip
+    if not (pki / "sa.key").exists():
+        _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
+        _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+    for spec in _cert_specs():
+        crt, key = pki / f"{spec.name}.crt", pki / f"{spec.name}.key"
+        if crt.exists():
+            continue
+        subject = f"/CN={spec.common_name}" + (
+            f"/O={spec.organization}" if spec.organization else ""
+        )
+        ext = pki / f"{spec.name}.ext"
+        if spec.server_names:
+            alt = ",".join(
+                f"IP:{n}" if n.replace(".", "").isdigit() else f"DNS:{n}" for n in spec.server_names
+            )
+            ext.write_text(f"subjectAltName={alt}\nextendedKeyUsage=serverAuth,clientAuth\n")
+        else:
+            ext.write_text("extendedKeyUsage=clientAuth\n")
+        csr = pki / f"{spec.name}.csr"
+        _openssl("genrsa", "-out", str(key), "2048")
+        _openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
+        _openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-days", "3650", "-extfile", str(ext), "-out", str(crt),
+        )  # fmt: skip
+        csr.unlink()
+        ext.unlink()
+    for key_file in pki.glob("*.key"):
+        key_file.chmod(0o600)
+    return pki
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def write_kubeconfig(path: Path, user: str) -> None:
+    pki = STATE / "pki"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "tramontane-local",
+                "cluster": {
+                    "server": f"https://127.0.0.1:{PORTS['kube-apiserver']}",
+                    "certificate-authority-data": _b64(pki / "ca.crt"),
+                },
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {
+                    "client-certificate-data": _b64(pki / f"{user}.crt"),
+                    "client-key-data": _b64(pki / f"{user}.key"),
+                },
+            }
+        ],
+        "contexts": [
+            {"name": "tramontane-local", "context": {"cluster": "tramontane-local", "user": user}}
+        ],
+        "current-context": "tramontane-local",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+
+
+def kubeconfig_path() -> Path:
+    return STATE / "kubeconfig"
+
+
+# --------------------------------------------------------------------------------- processes
+
+
+def _read_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def our_processes() -> dict[str, list[int]]:
+    """Every live process whose command line names this cluster's state directory."""
+    marker = str(STATE) + "/"
+    found: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        cmdline = _read_cmdline(pid)
+        if not cmdline or not any(marker in part for part in cmdline[1:]):
+            continue
+        binary = Path(cmdline[0]).name
+        component = {"ray-operator": "kuberay"}.get(binary, binary)
+        if component in COMPONENTS:
+            found.setdefault(component, []).append(pid)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def stop_all() -> None:
+    processes = our_processes()
+    pids: list[int] = []
+    for component in reversed(COMPONENTS):
+        for pid in processes.get(component, []):
+            log(f"stopping {component} (pid {pid})")
+            pids.append(pid)
+    _terminate(pids)
+    for pid_file in (STATE / "run").glob("*.pid"):
+        pid_file.unlink()
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _spawn(component: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+    logs = STATE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (STATE / "run").mkdir(parents=True, exist_ok=True)
+    with (logs / f"{component}.log").open("ab") as log_file:
+        log_file.write(f"\n==== {time.strftime('%F %T')} starting {component}\n".encode())
+        log_file.flush()
+        process = subprocess.Popen(
+            argv,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives `make cluster`; stopped by `down`
+            env={**os.environ, **(env or {})},
+            cwd=STATE,
+        )
+    (STATE / "run" / f"{component}.pid").write_text(str(process.pid))
+    return process.pid
+
+
+# ------------------------------------------------------------------------------ health checks
+
+
+def _https_ok(url: str, client: str | None = None, verify: bool = True) -> bool:
+    pki = STATE / "pki"
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if client:
+        context.load_cert_chain(pki / f"{client}.crt", pki / f"{client}.key")
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=3) as response:  # noqa: S310 (https only)
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 (http only)
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+HEALTH: dict[str, Callable[[], bool]] = {
+    "etcd": lambda: _https_ok(f"https://127.0.0.1:{PORTS['etcd']}/health", "etcd-client"),
+    "kube-apiserver": lambda: _https_ok(
+        f"https://127.0.0.1:{PORTS['kube-apiserver']}/readyz", "admin"
+    ),
+    "kube-controller-manager": lambda: _https_ok(
+        f"https://127.0.0.1:{PORTS['kube-controller-manager']}/healthz", verify=False
+    ),
+    "kube-scheduler": lambda: _https_ok(
+        f"https://127.0.0.1:{PORTS['kube-scheduler']}/healthz", verify=False
+    ),
+    "kwok": lambda: _https_ok(f"https://127.0.0.1:{PORTS['kwok']}/healthz", verify=False),
+    "kuberay": lambda: _http_ok(f"http://127.0.0.1:{PORTS['kuberay']}/readyz"),
+}
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float, pid: int | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if pid is not None and not _alive(pid):
+            raise ClusterError(
+                f"{what} exited during start-up; see {STATE / 'logs' / (what + '.log')}"
+            )
+        time.sleep(0.25)
+    raise ClusterError(
+        f"{what} was not healthy after {timeout:.0f}s; see {STATE / 'logs' / (what + '.log')}"
+    )
+
+
+# ------------------------------------------------------------------------------- components
+
+
+def _argv(component: str) -> tuple[list[str], dict[str, str]]:
+    art = artifact_dirs()
+    pki = STATE / "pki"
+    f"https://127.0.0.1:{PORTS['kube-apiserver']}"
+    if component == "etcd":
+        client, peer = (
+            f"https://127.0.0.1:{PORTS['etcd']}",
+            f"https://127.0.0.1:{PORTS['etcd-peer']}",
+        )
+        return [
+            str(art["etcd"] / "etcd"),
+            "--name=local",
+            f"--data-dir={STATE / 'etcd'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=local={peer}",
+            f"--cert-file={pki / 'etcd-server.crt'}",
+            f"--key-file={pki / 'etcd-server.key'}",
+            f"--trusted-ca-file={pki / 'ca.crt'}",
+            "--client-cert-auth=true",
+            f"--peer-cert-file={pki / 'etcd-server.crt'}",
+            f"--peer-key-file={pki / 'etcd-server.key'}",
+            f"--peer-trusted-ca-file={pki / 'ca.crt'}",
+            "--peer-client-cert-auth=true",
+            # A throw-away test cluster: durability across power loss is not worth the fsyncs.
+            "--unsafe-no-fsync=true",
+            "--quota-backend-bytes=4294967296",
+            "--log-level=warn",
+        ], {}
+    if component == "kube-apiserver":
+        return [
+            str(art["kubernetes"] / "kube-apiserver"),
+            f"--etcd-servers=https://127.0.0.1:{PORTS['etcd']}",
+            f"--etcd-cafile={pki / 'ca.crt'}",
+            f"--etcd-certfile={pki / 'etcd-client.crt'}",
+            f"--etcd-keyfile={pki / 'etcd-client.key'}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={PORTS['kube-apiserver']}",
+            f"--tls-cert-file={pki / 'kube-apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'kube-apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--cert-dir={STATE / 'apiserver-certs'}",
+            "--authorization-mode=Node,RBAC",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--allow-privileged=true",
+            # No kubelets register here, so nothing could serve the kubernetes Service endpoints.
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+            "--v=1",
+        ], {}
+    if component == "kube-controller-manager":
+        kubeconfig = STATE / "kube-controller-manager.kubeconfig"
+        return [
+            str(art["kubernetes"] / "kube-controller-manager"),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={PORTS['kube-controller-manager']}",
+            f"--cert-dir={STATE / 'kube-controller-manager-certs'}",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+            f"--cluster-signing-key-file={pki / 'ca.key'}",
+            "--use-service-account-credentials=true",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--leader-elect=false",
+            "--profiling=false",
+            "--v=1",
+        ], {}
+    if component == "kube-scheduler":
+        kubeconfig = STATE / "kube-scheduler.kubeconfig"
+        return [
+            str(art["kubernetes"] / "kube-scheduler"),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={PORTS['kube-scheduler']}",
+            f"--cert-dir={STATE / 'kube-scheduler-certs'}",
+            "--leader-elect=false",
+            "--profiling=false",
+            "--v=1",
+        ], {}
+    if component == "kwok":
+        return [
+            str(art["kwok"] / "kwok"),
+            f"--kubeconfig={STATE / 'kwok.kubeconfig'}",
+            f"--config={art['kwok'] / 'stages.yaml'}",
+            # Only nodes we declare are simulated; a node without the annotation is left alone.
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--node-lease-duration-seconds=40",
+            "--cidr=10.244.0.0/16",
+            "--node-ip=127.0.0.1",
+            f"--server-address=127.0.0.1:{PORTS['kwok']}",
+            f"--tls-cert-file={pki / 'kwok-server.crt'}",
+            f"--tls-private-key-file={pki / 'kwok-server.key'}",
+        ], {}
+    if component == "kuberay":
+        return [
+            str(art["kuberay"] / "ray-operator"),
+            f"--metrics-addr=127.0.0.1:{PORTS['kuberay-metrics']}",
+            f"--health-probe-bind-address=127.0.0.1:{PORTS['kuberay']}",
+            "--enable-leader-election=false",
+            # The operator runs outside the cluster network: reach Ray heads via the API server.
+            "--use-kubernetes-proxy",
+            f"--log-file-path={STATE / 'logs' / 'kuberay-operator.json'}",
+            "--log-stdout-encoder=console",
+        ], {"KUBECONFIG": str(STATE / "kuberay.kubeconfig")}
+    raise ValueError(component)
+
+
+def kubectl(*args: str, input_text: str | None = None, check: bool = True) -> str:
+    result = subprocess.run(
+        ["kubectl", f"--kubeconfig={kubeconfig_path()}", *args],
+        input=input_text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _install_addons() -> None:
+    """CRDs our tests apply (KubeRay, prometheus-operator) and KubeRay's upstream RBAC."""
+    art = artifact_dirs()
+    manifests = sorted((art["kuberay"] / "crds").glob("*.yaml")) + sorted(
+        art["prometheus-operator-crds"].glob("*.yaml")
+    )
+    for manifest in manifests:
+        # Server-side apply: these CRDs are too large for the last-applied annotation.
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(manifest))
+    kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        str(art["kuberay"] / "rbac" / "role.yaml"),
+    )
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "kuberay-operator"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "kuberay-operator",
+        },
+        "subjects": [
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "kuberay-operator"}
+        ],
+    }
+    kubectl("apply", "--server-side", "-f", "-", input_text=json.dumps(binding))
+    kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s",
+        "crd/rayclusters.ray.io", "crd/rayservices.ray.io", "crd/rayjobs.ray.io",
+        "crd/podmonitors.monitoring.coreos.com", "crd/servicemonitors.monitoring.coreos.com",
+        "crd/prometheusrules.monitoring.coreos.com",
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ nodes
+
+
+def node_manifest(node: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
+    """A KWOK-managed Node with the labels, capacity and taints of a real node of that pool."""
+    labels = {
+        "kubernetes.io/hostname": node["name"],
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "node.kubernetes.io/instance-type": pool["instanceType"],
+        "topology.kubernetes.io/region": node["region"],
+        "topology.kubernetes.io/zone": node["zone"],
+        "type": "kwok",
+    }
+    capacity = {"cpu": pool["cpu"], "memory": pool["memory"], "pods": pool["pods"]}
+    taints: list[dict[str, str]] = []
+    gpus = int(pool.get("gpus", 0))
+    if gpus:
+        labels |= {
+            "nvidia.com/gpu.present": "true",
+            "nvidia.com/gpu.product": pool["gpuProduct"],
+            "nvidia.com/gpu.count": str(gpus),
+            "nvidia.com/gpu.memory": str(pool["gpuMemoryMiB"]),
+        }
+        capacity["nvidia.com/gpu"] = str(gpus)
+        taints.append(dict(GPU_TAINT))
+    labels |= node.get("labels", {})
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": node["name"],
+            "labels": labels,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "spec": {"taints": taints},
+        "status": {"capacity": capacity, "allocatable": dict(capacity)},
+    }
+
+
+def load_nodes(path: Path = NODES_FILE) -> list[dict[str, Any]]:
+    data = yaml.safe_load(path.read_text())
+    pools = data["pools"]
+    return [node_manifest(node, pools[node["pool"]]) for node in data["nodes"]]
+
+
+def apply_nodes(path: Path = NODES_FILE, timeout: float = 60) -> list[str]:
+    nodes = load_nodes(path)
+    kubectl(
+        "apply",
+        "--server-side",
+        "--field-manager=tramontane-localcluster",
+        "-f",
+        "-",
+        input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes}),
+    )
+    names = [node["metadata"]["name"] for node in nodes]
+    kubectl(
+        "wait", "--for=condition=Ready", f"--timeout={int(timeout)}s", *(f"node/{n}" for n in names)
+    )
+    return names
+
+
+# ------------------------------------------------------------------------------- up / down
+
+
+def _check_prerequisites() -> None:
+    missing = [tool for tool in ("openssl", "kubectl") if shutil.which(tool) is None]
+    if missing:
+        raise ClusterError(f"required tools not on PATH: {', '.join(missing)}")
+    for name, directory in artifact_dirs().items():
+        if not directory.is_dir():
+            raise ClusterError(
+                f"{name} is not built ({directory} missing): run `make cluster` or e2e/build.sh"
+            )
+
+
+def healthy() -> bool:
+    processes = our_processes()
+    return all(
+        len(processes.get(component, [])) == 1 and HEALTH[component]() for component in COMPONENTS
+    )
+
+
+COMPONENT_PORTS = {
+    "etcd": ("etcd", "etcd-peer"),
+    "kube-apiserver": ("kube-apiserver",),
+    "kube-controller-manager": ("kube-controller-manager",),
+    "kube-scheduler": ("kube-scheduler",),
+    "kwok": ("kwok",),
+    "kuberay": ("kuberay", "kuberay-metrics"),
+}
+
+
+def _terminate(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def up() -> None:
+    """Start every component that is not running exactly once and healthy; keep the others."""
+    _check_prerequisites()
+    started = time.monotonic()
+    ensure_pki()
+    write_kubeconfig(kubeconfig_path(), "admin")
+    for user in ("kube-controller-manager", "kube-scheduler", "kwok", "kuberay"):
+        write_kubeconfig(STATE / f"{user}.kubeconfig", user)
+    processes = our_processes()
+    to_start = [c for c in COMPONENTS if not (len(processes.get(c, [])) == 1 and HEALTH[c]())]
+    for component in to_start:
+        if pids := processes.get(component, []):
+            log(f"replacing {component}: {len(pids)} stale process(es) {pids}")
+            _terminate(pids)
+    # Check every port before starting anything, so a conflict leaves nothing half-started.
+    busy = [
+        f"{PORTS[name]} ({name})"
+        for component in to_start
+        for name in COMPONENT_PORTS[component]
+        if _port_in_use(PORTS[name])
+    ]
+    if busy:
+        raise ClusterError(
+            f"port(s) {', '.join(busy)} in use by processes that are not this cluster's. Stop "
+            "them or pick other ports with the TRAMONTANE_*_PORT variables (see PORTS in "
+            "e2e/localcluster.py)."
+        )
+    restarted: list[str] = []
+    for component in to_start:
+        if component == "kwok":
+            _install_addons()
+        argv, env = _argv(component)
+        pid = _spawn(component, argv, env)
+        _wait(component, HEALTH[component], timeout=90, pid=pid)
+        log(f"{component} healthy (pid {pid}, {time.monotonic() - started:.1f}s)")
+        restarted.append(component)
+    if not restarted:
+        log(f"already running and healthy (state in {STATE}); reusing it")
+        return
+    names = apply_nodes()
+    log(f"{len(names)} simulated nodes Ready ({time.monotonic() - started:.1f}s)")
+    # Service-account tokens work once the token controller has created the default accounts.
+    _wait(
+        "kube-controller-manager",
+        lambda: bool(kubectl("get", "serviceaccount", "default", "-n", "default", check=False)),
+        timeout=60,
+    )
+    log(f"cluster up in {time.monotonic() - started:.1f}s; export KUBECONFIG={kubeconfig_path()}")
+
+
+def status() -> bool:
+    processes = our_processes()
+    ok = True
+    for component in COMPONENTS:
+        pids = processes.get(component, [])
+        state = "healthy" if len(pids) == 1 and HEALTH[component]() else "down"
+        if len(pids) > 1:
+            state = f"duplicated {pids}"
+        ok &= state == "healthy"
+        print(f"{component:24} {state:10} {' '.join(map(str, pids))}")
+    return ok
+
+
+def iter_node_rows() -> Iterator[str]:
+    columns = (
+        "NAME:.metadata.name,REGION:.metadata.labels.topology\\.kubernetes\\.io/region,"
+        "ZONE:.metadata.labels.topology\\.kubernetes\\.io/zone,"
+        "GPU:.metadata.labels.nvidia\\.com/gpu\\.product,"
+        "GPUS:.status.allocatable.nvidia\\.com/gpu,"
+        "READY:.status.conditions[?(@.type=='Ready')].status"
+    )
+    yield from kubectl("get", "nodes", "-o", f"custom-columns={columns}").splitlines()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up")
+    sub.add_parser("down")
+    sub.add_parser("status")
+    nodes = sub.add_parser("nodes")
+    nodes.add_argument("file", nargs="?", type=Path, default=NODES_FILE)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            up()
+        elif args.command == "down":
+            stop_all()
+            log("stopped")
+        elif args.command == "status":
+            return 0 if status() else 1
+        elif args.command == "nodes":
+            apply_nodes(args.file)
+            for row in iter_node_rows():
+                print(row)
+    except ClusterError as error:
+        log(f"error: {error}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pydantic models of the tramontane.dev CRDs: the single source of truth for their schemas."""

@@ -1,0 +1,1 @@
+"""kopf handlers, reconcile (server-side apply, status, events), admission, telemetry."""

@@ -1,0 +1,1 @@
+"""Pure residency and quota evaluation, shared by the admission webhook and reconcile."""

@@ -1,0 +1,78 @@
+"""A small typed kubectl wrapper for tests: the same client the README tells users to run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class KubectlError(RuntimeError):
+    def __init__(self, args: list[str], returncode: int, stderr: str) -> None:
+        super().__init__(f"kubectl {' '.join(args)} exited {returncode}: {stderr.strip()}")
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class Kubectl:
+    kubeconfig: Path
+    extra: tuple[str, ...] = ()
+
+    def as_user(self, user: str, *groups: str) -> Kubectl:
+        """The same client impersonating a user (RBAC checks with --as/--as-group)."""
+        flags = (f"--as={user}", *(f"--as-group={g}" for g in groups))
+        return Kubectl(self.kubeconfig, (*self.extra, *flags))
+
+    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        argv = ["kubectl", f"--kubeconfig={self.kubeconfig}", *self.extra, *args]
+        result = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=120, check=False
+        )
+        if check and result.returncode != 0:
+            raise KubectlError(list(args), result.returncode, result.stderr)
+        return result.stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "-o", "json"))
+
+    def apply(self, *manifests: dict[str, Any]) -> str:
+        body = {"apiVersion": "v1", "kind": "List", "items": list(manifests)}
+        return self.run(
+            "apply", "--server-side", "--field-manager=tests", "-f", "-", stdin=json.dumps(body)
+        )
+
+    def create(
+        self, manifest: dict[str, Any], check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        argv = ["kubectl", f"--kubeconfig={self.kubeconfig}", *self.extra, "create", "-f", "-"]
+        result = subprocess.run(
+            argv,
+            input=json.dumps(manifest),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise KubectlError(["create"], result.returncode, result.stderr)
+        return result
+
+
+def eventually(
+    probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5
+) -> T:
+    """Poll until probe returns something truthy; fail with `what` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")

@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/e2e
 PY := $(CURDIR)/.venv/bin/python
 CLUSTER := $(PY) e2e/localcluster.py
 
-.PHONY: help venv binaries cluster cluster-down cluster-status demo lint format test test-unit test-integration
+.PHONY: crds help venv binaries cluster cluster-down cluster-status demo lint format test test-unit test-integration
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ demo: cluster ## The main job on the local cluster
 	@echo; echo "Local cluster is up. Nodes (KWOK-simulated), their regions and GPUs:"; echo
 	@$(CLUSTER) nodes
 	@echo; echo "Try: kubectl --kubeconfig .cluster/kubeconfig get nodes -L topology.kubernetes.io/region"
+
+crds: venv ## Regenerate crds/ from the API models (a test fails when they are stale)
+	@$(PY) -m tramontane.cli crds --output crds
 
 lint: venv ## ruff, mypy (strict) and the import-layer contracts
 	@$(PY) -m ruff check .

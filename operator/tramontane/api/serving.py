@@ -1,0 +1,79 @@
+"""The contract between the operator and the serving app.
+
+The operator renders `ServingArgs` into the RayService's serveConfigV2 (`args` of the
+application); `tramontane.serving` parses the same model. Both sides import it from here, so a
+field renamed on one side breaks a test on the other instead of a production deployment.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from tramontane.api.base import ApiModel
+from tramontane.api.v1alpha1 import Adapter, EngineConfig, ModelDeployment
+
+API_KEYS_MOUNT_PATH = "/etc/tramontane/api-keys"
+
+
+class ServingModel(ApiModel):
+    uri: str = Field(description="Model URI from spec.model.uri (or a local path in dev).")
+    revision: str | None = None
+    served_name: str
+
+
+class ServingAccelerator(ApiModel):
+    type: str
+    gpus: int = Field(ge=0, le=8, description="GPUs per replica (0 on CPU).")
+
+
+class ServingAutoscaling(ApiModel):
+    min_replicas: int = Field(ge=0)
+    max_replicas: int = Field(ge=1)
+    initial_replicas: int = Field(ge=0)
+    target_ongoing_requests: int = Field(ge=1)
+    upscale_delay_seconds: int = Field(ge=0)
+    downscale_delay_seconds: int = Field(ge=0)
+
+
+class ServingArgs(ApiModel):
+    """`args` of the Ray Serve application that tramontane.serving builds."""
+
+    IMPORT_PATH: ClassVar[str] = "tramontane.serving.app:build_app"
+
+    tenant: str = Field(description="Tenant (namespace) label of metrics and spans.")
+    deployment: str = Field(description="ModelDeployment name, label of metrics and spans.")
+    model: ServingModel
+    adapters: list[Adapter] = Field(default_factory=list)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    accelerator: ServingAccelerator
+    autoscaling: ServingAutoscaling
+    api_keys_path: str | None = Field(
+        default=API_KEYS_MOUNT_PATH,
+        description="Directory of the mounted API-key Secret; None disables authentication.",
+    )
+
+    @classmethod
+    def from_model_deployment(cls, md: ModelDeployment) -> ServingArgs:
+        spec = md.spec
+        return cls(
+            tenant=md.namespace,
+            deployment=md.name,
+            model=ServingModel(
+                uri=spec.model.uri, revision=spec.model.revision, served_name=md.served_name
+            ),
+            adapters=list(spec.adapters),
+            engine=spec.engine,
+            accelerator=ServingAccelerator(
+                type=spec.accelerator.type.value, gpus=spec.accelerator.gpus
+            ),
+            autoscaling=ServingAutoscaling(
+                min_replicas=spec.scaling.min_replicas,
+                max_replicas=spec.scaling.max_replicas,
+                initial_replicas=spec.desired_replicas,
+                target_ongoing_requests=spec.scaling.target_ongoing_requests,
+                upscale_delay_seconds=spec.scaling.upscale_delay_seconds,
+                downscale_delay_seconds=spec.scaling.downscale_delay_seconds,
+            ),
+        )

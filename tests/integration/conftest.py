@@ -1,8 +1,18 @@
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.kube import Kubectl, eventually
 
 HERE = Path(__file__).resolve().parent
 
@@ -12,3 +22,88 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Kubectl, repo_root: Path) -> Kubectl:
+    """Our CRDs, as generated in crds/, installed and established."""
+    cluster.run("apply", "--server-side", "--force-conflicts", "-f", str(repo_root / "crds"))
+    cluster.run(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/modeldeployments.tramontane.dev",
+    )
+    return cluster
+
+
+class OperatorProcess:
+    """The real operator (`python -m tramontane.controller`) as a child process."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "TRAMONTANE_METRICS_PORT": str(self.port),
+            "TRAMONTANE_METRICS_HOST": "127.0.0.1",
+            "PYTHONPATH": str(HERE.parent.parent / "operator"),
+        }
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tramontane.controller"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        eventually(lambda: _http_status(f"{self.url}/readyz") == 200, 60, "operator /readyz")
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, as when a node dies or the OOM killer strikes."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (http://127.0.0.1)
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
+
+
+@pytest.fixture(scope="session")
+def operator(crds: Kubectl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    log_dir = Path(os.environ.get("TRAMONTANE_CLUSTER_DIR", HERE.parent.parent / ".cluster"))
+    log_path = log_dir / "logs" / "operator-tests.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    process = OperatorProcess(crds.kubeconfig, log_path)
+    process.start()
+    yield process
+    process.stop()

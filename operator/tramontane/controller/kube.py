@@ -1,0 +1,197 @@
+"""The few Kubernetes API calls the operator makes, with retries on transient failures.
+
+Raw REST paths through the official client's ApiClient: server-side apply needs the
+`application/apply-patch+yaml` content type, and discovery (DynamicClient) would cost seconds and
+megabytes at start-up for the handful of kinds we touch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from kubernetes.client.exceptions import ApiException
+
+from kubernetes import client, config
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRIABLE = {409, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Kind:
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None, name: str | None = None) -> str:
+        base = "/api/v1" if not self.group else f"/apis/{self.group}/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        return f"{base}/{name}" if name else base
+
+
+RAYSERVICE = Kind("ray.io", "v1", "rayservices")
+RAYCLUSTER = Kind("ray.io", "v1", "rayclusters")
+PODMONITOR = Kind("monitoring.coreos.com", "v1", "podmonitors")
+MODELDEPLOYMENT = Kind("tramontane.dev", "v1alpha1", "modeldeployments")
+EVENT = Kind("events.k8s.io", "v1", "events")
+
+KINDS = {
+    ("ray.io/v1", "RayService"): RAYSERVICE,
+    ("ray.io/v1", "RayCluster"): RAYCLUSTER,
+    ("monitoring.coreos.com/v1", "PodMonitor"): PODMONITOR,
+    ("tramontane.dev/v1alpha1", "ModelDeployment"): MODELDEPLOYMENT,
+}
+
+
+def is_not_found(error: BaseException) -> bool:
+    return isinstance(error, ApiException) and error.status == 404
+
+
+def with_retries(call: Callable[[], T], attempts: int = 6) -> T:
+    """Retry conflicts, throttling and server errors with jittered exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except ApiException as error:
+            if error.status not in RETRIABLE or attempt == attempts - 1:
+                raise
+            delay = min(8.0, 0.2 * 2**attempt) * (0.5 + random.random())  # noqa: S311
+            log.info("API %s, retrying in %.1fs", error.status, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api = api_client
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        """In-cluster service account, else $KUBECONFIG / ~/.kube/config."""
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+        # kopf runs sync handlers in a thread pool: let each thread keep a connection.
+        configuration.connection_pool_maxsize = 32
+        return cls(client.ApiClient(configuration))
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        def once() -> dict[str, Any]:
+            request = self.api.param_serialize(
+                method,
+                path,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+            )
+            response = self.api.call_api(*request)
+            data = response.read()
+            if not 200 <= response.status <= 299:
+                raise ApiException(status=response.status, reason=response.reason, body=data)
+            return dict(json.loads(data)) if data else {}
+
+        return with_retries(once)
+
+    def apply(self, manifest: dict[str, Any], field_manager: str) -> dict[str, Any]:
+        """Server-side apply, forcing our field manager's ownership of the fields we set."""
+        kind = KINDS[(manifest["apiVersion"], manifest["kind"])]
+        meta = manifest["metadata"]
+        return self._call(
+            "PATCH",
+            kind.path(meta.get("namespace"), meta["name"]),
+            body=manifest,
+            query=[("fieldManager", field_manager), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", kind.path(namespace, name))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def list_all(self, kind: Kind) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._call("GET", kind.path(None)).get("items", [])
+        return items
+
+    def patch_status(
+        self, kind: Kind, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        return self._call(
+            "PATCH",
+            kind.path(namespace, name) + "/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    def event(
+        self,
+        regarding: dict[str, Any],
+        *,
+        type_: str,
+        reason: str,
+        note: str,
+        action: str,
+        controller: str,
+    ) -> None:
+        """An events.k8s.io/v1 Event about an object (best effort: never fails a reconcile)."""
+        meta = regarding["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            # Named like client-go's recorder does: <object>.<unique suffix>.
+            "metadata": {
+                "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
+                "namespace": meta["namespace"],
+            },
+            "eventTime": now,
+            "reportingController": controller,
+            "reportingInstance": controller,
+            "action": action,
+            "reason": reason,
+            "note": note[:1024],
+            "type": type_,
+            "regarding": {
+                "apiVersion": regarding["apiVersion"],
+                "kind": regarding["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+        }
+        try:
+            self._call("POST", EVENT.path(meta["namespace"]), body=body)
+        except ApiException as error:
+            log.warning(
+                "could not post event %s on %s: %s %s",
+                reason,
+                meta["name"],
+                error.reason,
+                error.body,
+            )

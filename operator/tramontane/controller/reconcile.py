@@ -1,0 +1,132 @@
+"""Reconcile one ModelDeployment: apply its children, observe them, write status and events.
+
+Level-triggered and idempotent: the same spec applies the same manifests (a server-side apply that
+changes nothing does not write), and status is only patched when it changed, so an unchanged
+ModelDeployment costs reads only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from tramontane.api.conditions import ConditionStatus, find
+from tramontane.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus
+from tramontane.controller import telemetry
+from tramontane.controller.kube import MODELDEPLOYMENT, RAYCLUSTER, Kube
+from tramontane.render.rayservice import FIELD_MANAGER, RenderOptions, render_children
+from tramontane.render.status import Observed, compute_status, serving_cluster_name, transitions
+
+log = logging.getLogger(__name__)
+CONTROLLER_NAME = "tramontane.dev/operator"
+KIND = "ModelDeployment"
+condition_counts = telemetry.ConditionCounts(KIND)
+
+_EVENT_REASONS = {
+    ("Reconciled", ConditionStatus.FALSE): ("Warning", "ReconcileFailed"),
+    ("Available", ConditionStatus.TRUE): ("Normal", "Available"),
+    ("Available", ConditionStatus.FALSE): ("Normal", "Unavailable"),
+    ("Ready", ConditionStatus.TRUE): ("Normal", "Ready"),
+}
+
+
+def _status_of(body: dict[str, Any]) -> ModelDeploymentStatus | None:
+    raw = body.get("status")
+    if not raw or "conditions" not in raw:
+        return None
+    try:
+        return ModelDeploymentStatus.model_validate(raw)
+    except ValueError:
+        return None  # written by someone else in another shape: recompute from scratch
+
+
+def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderOptions) -> None:
+    meta = body["metadata"]
+    if meta.get("deletionTimestamp"):
+        return  # garbage collection removes the children through their owner references
+    md = ModelDeployment.from_body(body)
+    started = time.perf_counter()
+    with telemetry.tracer.start_as_current_span(
+        "reconcile ModelDeployment",
+        attributes={
+            "tramontane.tenant": md.namespace,
+            "tramontane.deployment": md.name,
+            "tramontane.model": md.served_name,
+            "k8s.namespace.name": md.namespace,
+            "tramontane.generation": md.generation,
+        },
+    ) as span:
+        result = "success"
+        apply_error: str | None = None
+        rayservice: dict[str, Any] | None = None
+        try:
+            for manifest in render_children(md, options):
+                applied = kube.apply(manifest, FIELD_MANAGER)
+                if manifest["kind"] == "RayService":
+                    rayservice = applied
+        except ApiException as error:
+            result = "error"
+            apply_error = f"{error.status} {error.reason}: {_api_message(error)}"
+            span.set_attribute("error", True)
+            log.warning("apply failed for %s/%s: %s", md.namespace, md.name, apply_error)
+        raycluster = None
+        cluster_name = serving_cluster_name(rayservice)
+        if cluster_name:
+            raycluster = kube.get(RAYCLUSTER, md.namespace, cluster_name)
+        previous = _status_of(body)
+        status = compute_status(
+            md,
+            Observed(rayservice=rayservice, raycluster=raycluster, apply_error=apply_error),
+            previous=previous,
+            options=options,
+            now=datetime.now(UTC).replace(microsecond=0),
+        )
+        if previous is None or status.to_wire() != previous.to_wire():
+            try:
+                kube.patch_status(MODELDEPLOYMENT, md.namespace, md.name, status.to_wire())
+            except ApiException as error:
+                if error.status != 404:  # deleted meanwhile: nothing to report on
+                    raise
+                return
+            for condition in transitions(previous, status):
+                if previous is None and condition.status is not ConditionStatus.TRUE:
+                    continue  # a new object is not yet available: that is no news
+                event = _EVENT_REASONS.get((condition.type, condition.status))
+                if event:
+                    kube.event(
+                        body,
+                        type_=event[0],
+                        reason=event[1],
+                        note=condition.message,
+                        action="Reconcile",
+                        controller=CONTROLLER_NAME,
+                    )
+        condition_counts.update(
+            f"{md.namespace}/{md.name}", {c.type: c.status.value for c in status.conditions}
+        )
+        ready = find(status.conditions, "Ready")
+        span.set_attribute("tramontane.ready", ready.status.value if ready else "Unknown")
+        telemetry.RECONCILES.labels(KIND, result).inc()
+        telemetry.RECONCILE_DURATION.labels(KIND).observe(time.perf_counter() - started)
+        if apply_error:
+            raise ReconcileError(apply_error)
+
+
+def forget(namespace: str, name: str) -> None:
+    condition_counts.update(f"{namespace}/{name}", None)
+
+
+class ReconcileError(RuntimeError):
+    """Applying the children failed; status says why. The caller retries later."""
+
+
+def _api_message(error: ApiException) -> str:
+    try:
+        return str(json.loads(error.body or "{}").get("message", error.body))
+    except ValueError:
+        return str(error.body)

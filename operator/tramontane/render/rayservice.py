@@ -1,0 +1,285 @@
+"""ModelDeployment → KubeRay RayService (and the PodMonitor that scrapes it). Pure functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from tramontane.api.base import API_VERSION
+from tramontane.api.serving import ServingArgs
+from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
+
+FIELD_MANAGER = "tramontane"
+DEPLOYMENT_LABEL = "tramontane.dev/model-deployment"
+TENANT_LABEL = "tramontane.dev/tenant"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+SERVE_PORT = 8000
+METRICS_PORT = 8080
+
+# GPU product labels (as NVIDIA GPU feature discovery sets them) per accelerator type.
+GPU_PRODUCTS: dict[AcceleratorType, tuple[str, ...]] = {
+    AcceleratorType.H100: ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-NVL", "NVIDIA-H100-PCIe"),
+    AcceleratorType.H200: ("NVIDIA-H200", "NVIDIA-H200-141GB-HBM3"),
+    AcceleratorType.A100: (
+        "NVIDIA-A100-SXM4-80GB",
+        "NVIDIA-A100-SXM4-40GB",
+        "NVIDIA-A100-80GB-PCIe",
+        "NVIDIA-A100-PCIE-40GB",
+    ),
+    AcceleratorType.L40S: ("NVIDIA-L40S",),
+}
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Installation-wide settings (from the operator's configuration, not from tenants)."""
+
+    serving_image: str = "ghcr.io/tramontane-dev/serving:0.1.0"
+    ray_version: str = "2.60.0"
+    cluster_domain: str = "cluster.local"
+    # Per GPU of a worker; CPU-only workers get the cpu_worker_* sizes.
+    cpu_per_gpu: int = 8
+    memory_gib_per_gpu: int = 64
+    cpu_worker_cpu: int = 4
+    cpu_worker_memory_gib: int = 16
+    head_cpu: int = 2
+    head_memory_gib: int = 8
+
+
+def labels(md: ModelDeployment) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "tramontane-serving",
+        "app.kubernetes.io/instance": md.name,
+        "app.kubernetes.io/managed-by": "tramontane",
+        "app.kubernetes.io/part-of": "tramontane",
+        DEPLOYMENT_LABEL: md.name,
+        TENANT_LABEL: md.namespace,
+    }
+
+
+def owner_reference(md: ModelDeployment) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": md.KIND,
+        "name": md.name,
+        "uid": md.metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(md: ModelDeployment, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": md.namespace,
+        "labels": labels(md),
+        "ownerReferences": [owner_reference(md)],
+    }
+
+
+def restricted_container_security() -> dict[str, Any]:
+    """Pod Security Standard `restricted` for a container."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def restricted_pod_security() -> dict[str, Any]:
+    # The Ray images run as uid 1000 ("ray").
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 100,
+        "fsGroup": 100,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def serve_config(md: ModelDeployment, args: ServingArgs | None = None) -> dict[str, Any]:
+    """The Ray Serve config (serveConfigV2) that runs tramontane.serving for this deployment."""
+    args = args or ServingArgs.from_model_deployment(md)
+    return {
+        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},  # noqa: S104 (in-pod listener)
+        "applications": [
+            {
+                "name": md.name,
+                "route_prefix": "/",
+                "import_path": ServingArgs.IMPORT_PATH,
+                "args": args.to_wire(),
+            }
+        ],
+    }
+
+
+def _resources(cpu: int, memory_gib: int, gpus: int) -> dict[str, Any]:
+    amounts: dict[str, str] = {"cpu": str(cpu), "memory": f"{memory_gib}Gi"}
+    limits = dict(amounts)
+    if gpus:
+        amounts[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
+    return {"requests": amounts, "limits": limits}
+
+
+def _container(
+    name: str, image: str, resources: dict[str, Any], ports: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": resources,
+        "ports": ports,
+        "securityContext": restricted_container_security(),
+        "env": [{"name": "RAY_SERVE_ENABLE_JSON_LOGGING", "value": "1"}],
+    }
+
+
+def _port(name: str, port: int) -> dict[str, Any]:
+    return {"name": name, "containerPort": port, "protocol": "TCP"}
+
+
+def _head_group(md: ModelDeployment, options: RenderOptions) -> dict[str, Any]:
+    container = _container(
+        "ray-head",
+        options.serving_image,
+        _resources(options.head_cpu, options.head_memory_gib, 0),
+        [
+            _port("gcs", 6379),
+            _port("dashboard", 8265),
+            _port("client", 10001),
+            _port("serve", SERVE_PORT),
+            _port("metrics", METRICS_PORT),
+        ],
+    )
+    return {
+        "serviceType": "ClusterIP",
+        # The head schedules no model replicas: it runs GCS, the Serve controller and proxy.
+        "rayStartParams": {"num-gpus": "0", "dashboard-host": "0.0.0.0"},  # noqa: S104
+        "template": {
+            "metadata": {"labels": labels(md)},
+            "spec": {
+                "securityContext": restricted_pod_security(),
+                "containers": [container],
+            },
+        },
+    }
+
+
+def _gpu_affinity(accelerator: AcceleratorType) -> dict[str, Any]:
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {
+                                "key": GPU_PRODUCT_LABEL,
+                                "operator": "In",
+                                "values": list(GPU_PRODUCTS[accelerator]),
+                            }
+                        ]
+                    }
+                ]
+            }
+        }
+    }
+
+
+def _worker_group(md: ModelDeployment, options: RenderOptions) -> dict[str, Any]:
+    spec = md.spec
+    gpus = spec.accelerator.gpus
+    if gpus:
+        resources = _resources(options.cpu_per_gpu * gpus, options.memory_gib_per_gpu * gpus, gpus)
+    else:
+        resources = _resources(options.cpu_worker_cpu, options.cpu_worker_memory_gib, 0)
+    pod_spec: dict[str, Any] = {
+        "securityContext": restricted_pod_security(),
+        "containers": [
+            _container(
+                "ray-worker",
+                options.serving_image,
+                resources,
+                [_port("serve", SERVE_PORT), _port("metrics", METRICS_PORT)],
+            )
+        ],
+    }
+    if gpus:
+        pod_spec["tolerations"] = [
+            {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        ]
+        pod_spec["affinity"] = _gpu_affinity(spec.accelerator.type)
+    return {
+        "groupName": spec.accelerator.type.value.lower(),
+        # One Ray worker pod per serving replica: a replica's engine uses all of its GPUs.
+        "replicas": spec.desired_replicas,
+        "minReplicas": spec.scaling.min_replicas,
+        "maxReplicas": spec.scaling.max_replicas,
+        "numOfHosts": 1,
+        "rayStartParams": {},
+        "template": {"metadata": {"labels": labels(md)}, "spec": pod_spec},
+    }
+
+
+def render_rayservice(
+    md: ModelDeployment, options: RenderOptions, args: ServingArgs | None = None
+) -> dict[str, Any]:
+    spec = md.spec
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": _metadata(md, md.name),
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config(md, args), sort_keys=False),
+            "upgradeStrategy": {"type": "NewCluster"},
+            "rayClusterConfig": {
+                "rayVersion": options.ray_version,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {
+                    "upscalingMode": "Default",
+                    # Ray removes an idle worker after this; Serve's own downscale delay runs first.
+                    "idleTimeoutSeconds": max(60, spec.scaling.downscale_delay_seconds),
+                    "securityContext": restricted_container_security(),
+                    "resources": _resources(1, 1, 0),
+                },
+                "headGroupSpec": _head_group(md, options),
+                "workerGroupSpecs": [_worker_group(md, options)],
+            },
+        },
+    }
+
+
+def render_podmonitor(md: ModelDeployment) -> dict[str, Any]:
+    """prometheus-operator PodMonitor for the Ray and vLLM metrics of this deployment's pods."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _metadata(md, md.name),
+        "spec": {
+            "selector": {"matchLabels": {DEPLOYMENT_LABEL: md.name}},
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+        },
+    }
+
+
+def serve_service_name(md: ModelDeployment) -> str:
+    """KubeRay's Service in front of the Serve proxies (it follows cluster upgrades)."""
+    return f"{md.name}-serve-svc"
+
+
+def endpoint(md: ModelDeployment, options: RenderOptions) -> str:
+    host = f"{serve_service_name(md)}.{md.namespace}.svc.{options.cluster_domain}"
+    return f"http://{host}:{SERVE_PORT}/v1"
+
+
+def pod_selector(md: ModelDeployment) -> str:
+    return f"{DEPLOYMENT_LABEL}={md.name},ray.io/node-type=worker"
+
+
+def render_children(md: ModelDeployment, options: RenderOptions) -> list[dict[str, Any]]:
+    """Every object the operator keeps in place for one ModelDeployment."""
+    return [render_rayservice(md, options), render_podmonitor(md)]

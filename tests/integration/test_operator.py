@@ -1,0 +1,309 @@
+"""The operator turns ModelDeployments into RayServices on the real control plane and KubeRay."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import localcluster
+from tests.integration.conftest import OperatorProcess
+from tests.kube import Kubectl, eventually
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sample(namespace: str, name: str = "llama-3-8b", **spec_changes: Any) -> dict[str, Any]:
+    md: dict[str, Any] = yaml.safe_load((REPO / "config/samples/modeldeployment.yaml").read_text())
+    md["metadata"] = {"name": name, "namespace": namespace}
+    md["spec"].update(spec_changes)
+    return md
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    conditions = obj.get("status", {}).get("conditions", [])
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
+def get(cluster: Kubectl, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    out = cluster.run(
+        "get", kind, name, "-n", namespace, "-o", "json", "--ignore-not-found",
+        "--show-managed-fields",
+    )  # fmt: skip
+    return json.loads(out) if out.strip() else None
+
+
+def wait_ready(cluster: Kubectl, namespace: str, name: str, timeout: float = 90) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        md = get(cluster, "md", namespace, name)
+        if md is None or condition(md, "Ready").get("status") != "True":
+            return None
+        return md if md["status"]["observedGeneration"] == md["metadata"]["generation"] else None
+
+    return eventually(ready, timeout, f"ModelDeployment {namespace}/{name} Ready")
+
+
+def worker_group(rayservice: dict[str, Any]) -> dict[str, Any]:
+    groups: list[dict[str, Any]] = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return groups[0]
+
+
+def serve_args(rayservice: dict[str, Any]) -> dict[str, Any]:
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    args: dict[str, Any] = config["applications"][0]["args"]
+    return args
+
+
+@pytest.fixture
+def restricted_namespace(cluster: Kubectl, namespace: str) -> str:
+    """A tenant-like namespace where Pod Security admission enforces `restricted`."""
+    cluster.run("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    return namespace
+
+
+def test_sample_becomes_a_ready_rayservice_on_h100_nodes(
+    cluster: Kubectl, operator: OperatorProcess, restricted_namespace: str
+) -> None:
+    ns = restricted_namespace
+    cluster.apply(sample(ns))
+    md = wait_ready(cluster, ns, "llama-3-8b")
+
+    rayservice = get(cluster, "rayservice", ns, "llama-3-8b")
+    assert rayservice is not None
+    owner = rayservice["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "ModelDeployment" and owner["controller"] is True
+    assert owner["uid"] == md["metadata"]["uid"]
+    assert serve_args(rayservice)["model"]["servedName"] == "llama-3.1-8b-instruct"
+    assert rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    assert get(cluster, "podmonitor", ns, "llama-3-8b") is not None
+
+    # KubeRay created the cluster; Pod Security admission (restricted) let every pod in.
+    pods = cluster.json("get", "pods", "-n", ns, "-l", "tramontane.dev/model-deployment=llama-3-8b")
+    nodes = {n["metadata"]["name"]: n for n in cluster.json("get", "nodes")["items"]}
+    workers = [p for p in pods["items"] if p["metadata"]["labels"]["ray.io/node-type"] == "worker"]
+    assert len(workers) == 1
+    for pod in workers:
+        assert pod["status"]["phase"] == "Running"
+        labels = nodes[pod["spec"]["nodeName"]]["metadata"]["labels"]
+        assert labels["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    status = md["status"]
+    assert status["replicas"] == 1 and status["readyReplicas"] == 1
+    assert status["endpoint"] == f"http://llama-3-8b-serve-svc.{ns}.svc.cluster.local:8000/v1"
+    for kind in ("Reconciled", "Available", "Ready"):
+        cond = condition(md, kind)
+        assert cond["status"] == "True", cond
+        assert cond["observedGeneration"] == md["metadata"]["generation"]
+        assert cond["reason"] and cond["message"] and cond["lastTransitionTime"]
+    events = cluster.json(
+        "get", "events", "-n", ns, "--field-selector", "involvedObject.kind=ModelDeployment"
+    )
+    assert "Ready" in {e["reason"] for e in events["items"]}
+
+
+def test_ready_only_once_workers_are_ready(
+    cluster: Kubectl, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    # No A100 node exists yet: the worker stays Pending and the deployment must not be Ready.
+    cluster.apply(sample(namespace, "on-a100", accelerator={"type": "A100", "count": 1}))
+
+    def waiting() -> dict[str, Any] | None:
+        md = get(cluster, "md", namespace, "on-a100")
+        return md if md and condition(md, "Available").get("reason") == "ReplicasNotReady" else None
+
+    md = eventually(waiting, 60, "Available=False with ReplicasNotReady")
+    assert condition(md, "Ready")["status"] == "False"
+    assert md["status"]["readyReplicas"] == 0
+
+    node_name = f"a100-{namespace}"
+    nodes = {
+        "pools": {"a100": {"instanceType": "p4de.24xlarge", "cpu": "96", "memory": "1152Gi",
+                           "pods": "110", "gpus": 8, "gpuProduct": "NVIDIA-A100-SXM4-80GB",
+                           "gpuMemoryMiB": 81920}},
+        "nodes": [{"name": node_name, "pool": "a100", "region": "eu-west-3", "zone": "eu-west-3c"}],
+    }  # fmt: skip
+    (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(nodes))
+    localcluster.apply_nodes(tmp_path / "nodes.yaml")
+    try:
+        md = wait_ready(cluster, namespace, "on-a100", timeout=120)
+        assert md["status"]["readyReplicas"] == 1
+    finally:
+        cluster.run("delete", "md", "on-a100", "-n", namespace, "--wait=true")
+        cluster.run("delete", "node", node_name, "--wait=false")
+
+
+def test_spec_changes_and_scale_flow_into_the_rayservice(
+    cluster: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.apply(sample(namespace))
+    wait_ready(cluster, namespace, "llama-3-8b")
+
+    cluster.run(
+        "patch", "md", "llama-3-8b", "-n", namespace, "--type=merge", "-p",
+        json.dumps({"spec": {"scaling": {"maxReplicas": 6}, "model": {"revision": "v2-pinned"}}}),
+    )  # fmt: skip
+
+    def updated() -> dict[str, Any] | None:
+        rs = get(cluster, "rayservice", namespace, "llama-3-8b")
+        ok = (
+            rs
+            and worker_group(rs)["maxReplicas"] == 6
+            and serve_args(rs)["model"]["revision"] == "v2-pinned"
+            and serve_args(rs)["autoscaling"]["maxReplicas"] == 6
+        )
+        return rs if ok else None
+
+    eventually(updated, 30, "RayService to follow maxReplicas and the model revision")
+    md = wait_ready(cluster, namespace, "llama-3-8b")
+    assert md["status"]["observedGeneration"] == 2
+
+    cluster.run("scale", "md/llama-3-8b", "-n", namespace, "--replicas=3")
+    rs = eventually(
+        lambda: (
+            (r := get(cluster, "rayservice", namespace, "llama-3-8b"))
+            and worker_group(r)["replicas"] == 3
+            and r
+        ),
+        30,
+        "RayService worker replicas to follow `kubectl scale`",
+    )
+    assert serve_args(rs)["autoscaling"]["initialReplicas"] == 3
+    scale_path = (
+        f"/apis/tramontane.dev/v1alpha1/namespaces/{namespace}/modeldeployments/llama-3-8b/scale"
+    )
+    scale = json.loads(cluster.run("get", "--raw", scale_path))
+    assert scale["spec"]["replicas"] == 3
+    assert (
+        scale["status"]["selector"]
+        == "tramontane.dev/model-deployment=llama-3-8b,ray.io/node-type=worker"
+    )
+
+
+def test_unchanged_spec_writes_nothing(
+    cluster: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.apply(sample(namespace))
+    wait_ready(cluster, namespace, "llama-3-8b")
+    time.sleep(3)  # let the status updates of KubeRay settle
+
+    def our_write_time(obj: dict[str, Any]) -> list[str]:
+        return [m["time"] for m in obj["metadata"]["managedFields"] if m["manager"] == "tramontane"]
+
+    rs_before = get(cluster, "rayservice", namespace, "llama-3-8b")
+    pm_before = get(cluster, "podmonitor", namespace, "llama-3-8b")
+    md_before = get(cluster, "md", namespace, "llama-3-8b")
+    assert rs_before and pm_before and md_before
+    # Touch the ModelDeployment without changing its spec: it triggers reconciles.
+    for i in range(3):
+        cluster.run("annotate", "md", "llama-3-8b", "-n", namespace, f"touched=t{i}", "--overwrite")
+    time.sleep(5)
+    rs_after = get(cluster, "rayservice", namespace, "llama-3-8b")
+    pm_after = get(cluster, "podmonitor", namespace, "llama-3-8b")
+    md_after = get(cluster, "md", namespace, "llama-3-8b")
+    assert rs_after and pm_after and md_after
+    assert pm_after["metadata"]["resourceVersion"] == pm_before["metadata"]["resourceVersion"]
+    assert rs_after["metadata"]["generation"] == rs_before["metadata"]["generation"]
+    assert our_write_time(rs_after) == our_write_time(rs_before)
+    assert md_after["status"] == md_before["status"]
+
+
+def test_drifted_and_deleted_rayservice_is_restored(
+    cluster: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.apply(sample(namespace))
+    wait_ready(cluster, namespace, "llama-3-8b")
+    group = worker_group(get(cluster, "rayservice", namespace, "llama-3-8b") or {})
+    patch = {"spec": {"rayClusterConfig": {"workerGroupSpecs": [{**group, "maxReplicas": 40}]}}}
+    cluster.run(
+        "patch",
+        "rayservice",
+        "llama-3-8b",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps(patch),
+    )
+    started = time.monotonic()
+    eventually(
+        lambda: (
+            (rs := get(cluster, "rayservice", namespace, "llama-3-8b"))
+            and worker_group(rs)["maxReplicas"] == 4
+        ),
+        30,
+        "the edited RayService to be restored",
+    )
+    restored_edit = time.monotonic() - started
+
+    old_uid = (get(cluster, "rayservice", namespace, "llama-3-8b") or {})["metadata"]["uid"]
+    cluster.run("delete", "rayservice", "llama-3-8b", "-n", namespace, "--wait=false")
+    started = time.monotonic()
+    eventually(
+        lambda: (
+            (rs := get(cluster, "rayservice", namespace, "llama-3-8b"))
+            and rs["metadata"]["uid"] != old_uid
+        ),
+        30,
+        "the deleted RayService to be recreated",
+    )
+    restored_delete = time.monotonic() - started
+    print(f"edit restored in {restored_edit:.1f}s, deletion in {restored_delete:.1f}s")
+
+
+def test_deleting_the_modeldeployment_removes_every_child(
+    cluster: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.apply(sample(namespace))
+    wait_ready(cluster, namespace, "llama-3-8b")
+    cluster.run("delete", "md", "llama-3-8b", "-n", namespace, "--wait=true")
+
+    def all_gone() -> bool:
+        leftovers = cluster.run(
+            "get", "rayservice,raycluster,podmonitor,pods", "-n", namespace, "-o", "name"
+        )
+        return not leftovers.strip()
+
+    eventually(all_gone, 60, "garbage collection of RayService, RayCluster, PodMonitor and pods")
+
+
+def test_operator_killed_mid_reconcile_converges_without_duplicates(
+    cluster: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    names = [f"md-{i:02d}" for i in range(20)]
+    cluster.apply(*(sample(namespace, name, adapters=[]) for name in names))
+    time.sleep(1.0)  # some reconciled, some not, some half-way
+    operator.kill()
+    operator.start()
+
+    def converged() -> bool:
+        mds = cluster.json("get", "md", "-n", namespace)["items"]
+        return len(mds) == 20 and all(condition(m, "Ready").get("status") == "True" for m in mds)
+
+    eventually(converged, 180, "all 20 ModelDeployments Ready after the restart", interval=2)
+    rayservices = cluster.json("get", "rayservice", "-n", namespace)["items"]
+    assert sorted(r["metadata"]["name"] for r in rayservices) == names
+    uids = {m["metadata"]["uid"] for m in cluster.json("get", "md", "-n", namespace)["items"]}
+    assert all(r["metadata"]["ownerReferences"][0]["uid"] in uids for r in rayservices)
+    clusters = cluster.json("get", "raycluster", "-n", namespace)["items"]
+    owners = sorted(c["metadata"]["labels"]["tramontane.dev/model-deployment"] for c in clusters)
+    assert owners == names, "exactly one RayCluster per deployment"
+
+
+def test_operator_serves_metrics_and_probes(operator: OperatorProcess) -> None:
+    with urllib.request.urlopen(f"{operator.url}/metrics", timeout=5) as response:  # noqa: S310
+        metrics = response.read().decode()
+    assert 'tramontane_reconcile_total{kind="ModelDeployment",result="success"}' in metrics
+    assert "tramontane_reconcile_duration_seconds_bucket" in metrics
+    assert (
+        'tramontane_managed_objects{condition="Ready",kind="ModelDeployment",status="True"}'
+        in metrics
+    )
+    for probe in ("healthz", "readyz"):
+        with urllib.request.urlopen(f"{operator.url}/{probe}", timeout=5) as response:  # noqa: S310
+            assert response.status == 200

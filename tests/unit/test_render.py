@@ -1,0 +1,214 @@
+"""Pure rendering of ModelDeployments into KubeRay RayServices, PodMonitors and status."""
+
+from __future__ import annotations
+
+import importlib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tramontane.api.serving import ServingArgs
+from tramontane.api.v1alpha1 import ModelDeployment
+from tramontane.render.rayservice import (
+    RenderOptions,
+    render_children,
+    render_podmonitor,
+    render_rayservice,
+)
+from tramontane.render.status import Observed, compute_status, transitions
+from tramontane.serving.app import parse_args
+
+REPO = Path(__file__).resolve().parents[2]
+OPTIONS = RenderOptions()
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def md(**spec: Any) -> ModelDeployment:
+    body: dict[str, Any] = yaml.safe_load(
+        (REPO / "config/samples/modeldeployment.yaml").read_text()
+    )
+    body["metadata"] |= {"uid": "1234-abcd", "generation": 2}
+    body["spec"].update(spec)
+    return ModelDeployment.from_body(body)
+
+
+def all_containers(rayservice: dict[str, Any]) -> list[dict[str, Any]]:
+    config = rayservice["spec"]["rayClusterConfig"]
+    pods = [config["headGroupSpec"]["template"]] + [
+        g["template"] for g in config["workerGroupSpecs"]
+    ]
+    return [c for pod in pods for c in pod["spec"]["containers"]]
+
+
+def test_every_container_is_pod_security_restricted() -> None:
+    rayservice = render_rayservice(md(), OPTIONS)
+    config = rayservice["spec"]["rayClusterConfig"]
+    for container in all_containers(rayservice):
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+        assert security["runAsNonRoot"] is True
+        assert security["seccompProfile"]["type"] == "RuntimeDefault"
+    assert config["autoscalerOptions"]["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    groups = [config["headGroupSpec"], *config["workerGroupSpecs"]]
+    for group in groups:
+        assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_gpu_worker_group_targets_h100_nodes_with_the_right_gpus_and_scaling() -> None:
+    deployment = md(
+        accelerator={"type": "H100", "count": 4},
+        engine={"tensorParallelSize": 4},
+        scaling={"minReplicas": 2, "maxReplicas": 5},
+    )
+    config = render_rayservice(deployment, OPTIONS)["spec"]["rayClusterConfig"]
+    (group,) = config["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "4"
+    assert (group["minReplicas"], group["maxReplicas"], group["replicas"]) == (2, 5, 2)
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    expression = term["nodeSelectorTerms"][0]["matchExpressions"][0]
+    assert expression["key"] == "nvidia.com/gpu.product"
+    assert "NVIDIA-H100-80GB-HBM3" in expression["values"]
+    assert config["enableInTreeAutoscaling"] is True
+    assert config["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    head_limits = config["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in head_limits["limits"]
+
+
+def test_cpu_accelerator_has_no_gpu_request_toleration_or_affinity() -> None:
+    deployment = md(accelerator={"type": "CPU", "count": 0})
+    (group,) = render_rayservice(deployment, OPTIONS)["spec"]["rayClusterConfig"][
+        "workerGroupSpecs"
+    ]
+    pod = group["template"]["spec"]
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert "tolerations" not in pod
+    assert "affinity" not in pod
+
+
+def test_scale_sets_initial_replicas_of_workers_and_serve() -> None:
+    deployment = md(replicas=3, scaling={"minReplicas": 1, "maxReplicas": 4})
+    rayservice = render_rayservice(deployment, OPTIONS)
+    assert rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 3
+    args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["autoscaling"]["initialReplicas"] == 3
+
+
+def test_serve_config_imports_a_real_module_and_its_args_parse_on_the_serving_side() -> None:
+    deployment = md()
+    config = yaml.safe_load(render_rayservice(deployment, OPTIONS)["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    module_name, _, attribute = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module_name), attribute))
+    parsed = parse_args(app["args"])
+    assert parsed == ServingArgs.from_model_deployment(deployment)
+    assert parsed.model.served_name == "llama-3.1-8b-instruct"
+    assert [a.name for a in parsed.adapters] == ["finance-reports", "contracts-legal"]
+    assert parsed.tenant == "team-finance"
+
+
+def test_children_are_owned_by_the_modeldeployment_and_labelled() -> None:
+    for child in render_children(md(), OPTIONS):
+        (owner,) = child["metadata"]["ownerReferences"]
+        assert owner == {
+            "apiVersion": "tramontane.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "name": "llama-3-8b",
+            "uid": "1234-abcd",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        assert child["metadata"]["labels"]["tramontane.dev/model-deployment"] == "llama-3-8b"
+    monitor = render_podmonitor(md())
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def test_rendering_is_deterministic() -> None:
+    assert render_children(md(), OPTIONS) == render_children(md(), OPTIONS)
+
+
+def raycluster(ready: int, available: int, head_ready: bool = True) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "llama-3-8b-abcde"},
+        "status": {
+            "state": "ready" if head_ready else "",
+            "readyWorkerReplicas": ready,
+            "availableWorkerReplicas": available,
+        },
+    }
+
+
+RAYSERVICE = {"status": {"pendingServiceStatus": {"rayClusterName": "llama-3-8b-abcde"}}}
+
+
+def conditions_of(status: Any) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status.value, c.reason) for c in status.conditions}
+
+
+@pytest.mark.parametrize(
+    ("observed", "available", "ready"),
+    [
+        (Observed(None, None, "409 Conflict: x"), ("False", "RayServiceMissing"),
+         ("False", "ApplyFailed")),
+        (Observed(RAYSERVICE, None), ("False", "WaitingForRayCluster"),
+         ("False", "WaitingForRayCluster")),
+        (Observed(RAYSERVICE, raycluster(0, 1, head_ready=False)), ("False", "HeadNotReady"),
+         ("False", "HeadNotReady")),
+        (Observed(RAYSERVICE, raycluster(0, 1)), ("False", "ReplicasNotReady"),
+         ("False", "ReplicasNotReady")),
+        (Observed(RAYSERVICE, raycluster(1, 1)), ("True", "ReplicasReady"), ("True", "Ready")),
+    ],
+)  # fmt: skip
+def test_status_is_ready_only_when_applied_and_workers_ready(
+    observed: Observed, available: tuple[str, str], ready: tuple[str, str]
+) -> None:
+    status = compute_status(md(), observed, previous=None, options=OPTIONS, now=NOW)
+    conditions = conditions_of(status)
+    assert conditions["Available"] == available
+    assert conditions["Ready"] == ready
+    assert conditions["Reconciled"][0] == ("False" if observed.apply_error else "True")
+    assert all(c.observed_generation == 2 for c in status.conditions)
+    assert status.observed_generation == 2
+
+
+def test_failed_serve_application_makes_it_unavailable() -> None:
+    rayservice = {
+        "status": {
+            "activeServiceStatus": {
+                "rayClusterName": "llama-3-8b-abcde",
+                "applicationStatuses": {
+                    "llama-3-8b": {"status": "DEPLOY_FAILED", "message": "CUDA OOM"}
+                },
+            }
+        }
+    }
+    status = compute_status(
+        md(), Observed(rayservice, raycluster(1, 1)), previous=None, options=OPTIONS, now=NOW
+    )
+    available = next(c for c in status.conditions if c.type == "Available")
+    assert available.reason == "ServeApplicationFailed"
+    assert "CUDA OOM" in available.message
+
+
+def test_transition_time_only_moves_when_a_condition_changes() -> None:
+    ready = Observed(RAYSERVICE, raycluster(1, 1))
+    first = compute_status(md(), ready, previous=None, options=OPTIONS, now=NOW)
+    later = NOW.replace(hour=13)
+    same = compute_status(md(), ready, previous=first, options=OPTIONS, now=later)
+    assert same == first
+    assert transitions(first, same) == []
+    degraded = compute_status(
+        md(), Observed(RAYSERVICE, raycluster(0, 1)), previous=first, options=OPTIONS, now=later
+    )
+    changed = {c.type for c in transitions(first, degraded)}
+    assert changed == {"Available", "Ready"}
+    reconciled = next(c for c in degraded.conditions if c.type == "Reconciled")
+    assert reconciled.last_transition_time == NOW

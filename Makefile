@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/e2e
 PY := $(CURDIR)/.venv/bin/python
 CLUSTER := $(PY) e2e/localcluster.py
 
-.PHONY: crds help venv binaries cluster cluster-down cluster-status demo lint format test test-unit test-integration
+.PHONY: bench-operator crds help venv binaries cluster cluster-down cluster-status demo lint format test test-unit test-integration
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -31,13 +31,14 @@ cluster-down: venv ## Stop every process of the local cluster (state in .cluster
 cluster-status: venv ## Show each component of the local cluster and whether it is healthy
 	@$(CLUSTER) status
 
-demo: cluster ## The main job on the local cluster
-	@echo; echo "Local cluster is up. Nodes (KWOK-simulated), their regions and GPUs:"; echo
-	@$(CLUSTER) nodes
-	@echo; echo "Try: kubectl --kubeconfig .cluster/kubeconfig get nodes -L topology.kubernetes.io/region"
+demo: cluster ## The main job: CRDs, operator and a sample ModelDeployment on the local cluster
+	@e2e/demo.sh
 
 crds: venv ## Regenerate crds/ from the API models (a test fails when they are stale)
 	@$(PY) -m tramontane.cli crds --output crds
+
+bench-operator: cluster ## Benchmark: N=100 and N=1000 ModelDeployments to Reconciled, operator RSS
+	@$(PY) e2e/bench_operator.py --sizes $${BENCH_SIZES:-100,1000}
 
 lint: venv ## ruff, mypy (strict) and the import-layer contracts
 	@$(PY) -m ruff check .

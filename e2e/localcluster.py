@@ -264,6 +264,10 @@ def _alive(pid: int) -> bool:
 def stop_all() -> None:
     processes = our_processes()
     pids: list[int] = []
+    operator_pid = STATE / "run" / "operator.pid"  # started by e2e/demo.sh
+    if operator_pid.exists() and _alive(pid := int(operator_pid.read_text())):
+        log(f"stopping the demo operator (pid {pid})")
+        pids.append(pid)
     for component in reversed(COMPONENTS):
         for pid in processes.get(component, []):
             log(f"stopping {component} (pid {pid})")

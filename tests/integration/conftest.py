@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.kube import Kubectl, eventually
+from tests.otlp import OtlpReceiver
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,8 +41,9 @@ def crds(cluster: Kubectl, repo_root: Path) -> Kubectl:
 class OperatorProcess:
     """The real operator (`python -m tramontane.controller`) as a child process."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, otlp_endpoint: str) -> None:
         self.kubeconfig = kubeconfig
+        self.otlp_endpoint = otlp_endpoint
         self.log_path = log_path
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -57,6 +59,8 @@ class OperatorProcess:
             "TRAMONTANE_METRICS_PORT": str(self.port),
             "TRAMONTANE_METRICS_HOST": "127.0.0.1",
             "PYTHONPATH": str(HERE.parent.parent / "operator"),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
         }
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
@@ -99,11 +103,18 @@ def _http_status(url: str) -> int:
 
 
 @pytest.fixture(scope="session")
-def operator(crds: Kubectl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def operator(crds: Kubectl, otlp: OtlpReceiver) -> Iterator[OperatorProcess]:
     log_dir = Path(os.environ.get("TRAMONTANE_CLUSTER_DIR", HERE.parent.parent / ".cluster"))
     log_path = log_dir / "logs" / "operator-tests.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    process = OperatorProcess(crds.kubeconfig, log_path)
+    process = OperatorProcess(crds.kubeconfig, log_path, otlp.endpoint)
     process.start()
     yield process
     process.stop()

@@ -14,6 +14,7 @@ import yaml
 import localcluster
 from tests.integration.conftest import OperatorProcess
 from tests.kube import Kubectl, eventually
+from tests.otlp import OtlpReceiver
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -307,3 +308,20 @@ def test_operator_serves_metrics_and_probes(operator: OperatorProcess) -> None:
     for probe in ("healthz", "readyz"):
         with urllib.request.urlopen(f"{operator.url}/{probe}", timeout=5) as response:  # noqa: S310
             assert response.status == 200
+
+
+def test_each_reconcile_exports_an_opentelemetry_span_over_otlp(
+    cluster: Kubectl, operator: OperatorProcess, otlp: OtlpReceiver, namespace: str
+) -> None:
+    cluster.apply(sample(namespace, "traced"))
+    wait_ready(cluster, namespace, "traced")
+    spans = eventually(
+        lambda: otlp.find("reconcile ModelDeployment", **{"tramontane.tenant": namespace}),
+        15,
+        "reconcile spans at the OTLP receiver",
+    )
+    span = spans[-1]
+    assert span.service == "tramontane-operator"
+    assert span.attributes["tramontane.deployment"] == "traced"
+    assert span.attributes["tramontane.model"] == "llama-3.1-8b-instruct"
+    assert span.attributes["tramontane.ready"] == "True"

@@ -9,13 +9,14 @@ restarted operator converges everything from the initial listing.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
 
 import kopf
 
-from tramontane.controller import reconcile
+from tramontane.controller import children, reconcile
 from tramontane.controller.kube import MODELDEPLOYMENT, Kube
 from tramontane.render.rayservice import DEPLOYMENT_LABEL, RenderOptions
 
@@ -49,16 +50,19 @@ class Runtime:
 runtime = Runtime()
 
 
-def reconcile_by_name(namespace: str, name: str) -> None:
+def reconcile_by_name(namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
     """Reconcile with retries; one reconcile at a time per ModelDeployment.
 
-    The object is read fresh under the lock: the body of a watch event may predate the status
-    that the previous reconcile just wrote, and would make it report the same transition twice.
+    Once we have written a deployment's status, the object is read fresh under the lock: a watch
+    event's body may predate that write and would make us report the same transition twice.
     """
     kube = runtime.client()
     for delay in (*RETRY_DELAYS, None):
         with runtime.lock(namespace, name):
-            current = kube.get(MODELDEPLOYMENT, namespace, name)
+            # A watch event's body is only trusted for a deployment we never wrote status to.
+            fresh = body is not None and not reconcile.has_written(namespace, name)
+            current = body if fresh else kube.get(MODELDEPLOYMENT, namespace, name)
+            body = None
             if current is None:
                 reconcile.forget(namespace, name)
                 runtime.drop_lock(namespace, name)
@@ -74,44 +78,111 @@ def reconcile_by_name(namespace: str, name: str) -> None:
 
 
 @kopf.on.event("tramontane.dev", "v1alpha1", "modeldeployments")
-def modeldeployment_event(event: kopf.RawEvent, name: str, namespace: str | None, **_: Any) -> None:
+def modeldeployment_event(
+    event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None, **_: Any
+) -> None:
     if namespace is None:
         return  # cannot happen for a namespaced kind; keeps the types honest
     if event.get("type") == "DELETED":
         reconcile.forget(namespace, name)
         runtime.drop_lock(namespace, name)
         return
-    reconcile_by_name(namespace, name)
+    if reconcile.is_echo(body):
+        return  # the watch echoing the status we just wrote: nothing new to act on
+    reconcile_by_name(namespace, name, dict(body))
 
 
-def _owner_event(body: kopf.Body, namespace: str | None) -> None:
-    owner = body.get("metadata", {}).get("labels", {}).get(DEPLOYMENT_LABEL)
-    if owner and namespace:
+class ChildFilter:
+    """Lets through only the child events that can change what the owner's reconcile does.
+
+    KubeRay rewrites its objects' status often (timestamps, counters we don't read); reconciling
+    the owner for each of those would cost the API server writes-free but real round trips, and
+    queue behind the events that matter. A child's spec change (generation), its deletion and the
+    status fields that feed our status always pass.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str, str], object] = {}
+        self._lock = threading.Lock()
+
+    def changed(self, kind: str, event: kopf.RawEvent, body: kopf.Body) -> bool:
+        meta = body.get("metadata", {})
+        key = (kind, meta.get("namespace", ""), meta.get("name", ""))
+        with self._lock:
+            if event.get("type") == "DELETED":
+                self._seen.pop(key, None)
+                return True
+            fingerprint = (meta.get("generation"), status_fingerprint(body))
+            if self._seen.get(key) == fingerprint:
+                return False
+            self._seen[key] = fingerprint
+            return True
+
+
+def status_fingerprint(body: kopf.Body) -> object:
+    status = body.get("status") or {}
+    if body.get("kind") == "RayCluster":
+        conditions = {c.get("type"): c.get("status") for c in status.get("conditions", [])}
+        return (
+            status.get("state"),
+            status.get("readyWorkerReplicas"),
+            status.get("availableWorkerReplicas"),
+            conditions.get("HeadPodReady"),
+        )
+    if body.get("kind") == "RayService":
+        return tuple(
+            (
+                key,
+                (status.get(key) or {}).get("rayClusterName"),
+                repr((status.get(key) or {}).get("applicationStatuses")),
+            )
+            for key in ("activeServiceStatus", "pendingServiceStatus")
+        )
+    return None
+
+
+child_filter = ChildFilter()
+
+
+def _owner_event(kind: str, event: kopf.RawEvent, body: kopf.Body, namespace: str | None) -> None:
+    meta = body.get("metadata", {})
+    if event.get("type") == "DELETED":
+        children.cache.forget(kind, meta.get("namespace", ""), meta.get("name", ""))
+    else:
+        children.cache.observe({"kind": kind, **dict(body)})
+    owner = meta.get("labels", {}).get(DEPLOYMENT_LABEL)
+    if owner and namespace and child_filter.changed(kind, event, body):
         reconcile_by_name(namespace, owner)
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
-def rayservice_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    _owner_event(body, namespace)
+def rayservice_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any
+) -> None:
+    _owner_event("RayService", event, body, namespace)
 
 
 @kopf.on.event("ray.io", "v1", "rayclusters", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
-def raycluster_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    _owner_event(body, namespace)
+def raycluster_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any
+) -> None:
+    _owner_event("RayCluster", event, body, namespace)
 
 
 @kopf.on.event(
     "monitoring.coreos.com", "v1", "podmonitors", labels={DEPLOYMENT_LABEL: kopf.PRESENT}
 )
-def podmonitor_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    _owner_event(body, namespace)
+def podmonitor_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any
+) -> None:
+    _owner_event("PodMonitor", event, body, namespace)
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our own Events say what happened; kopf's per-handler log events would be noise.
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = int(os.environ.get("TRAMONTANE_RECONCILE_WORKERS", "16"))
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     runtime.client()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tramontane.api.conditions import ConditionStatus, find
 from tramontane.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus
-from tramontane.controller import telemetry
+from tramontane.controller import children, telemetry
 from tramontane.controller.kube import MODELDEPLOYMENT, RAYCLUSTER, Kube
 from tramontane.render.rayservice import FIELD_MANAGER, RenderOptions, render_children
 from tramontane.render.status import Observed, compute_status, serving_cluster_name, transitions
@@ -65,10 +67,7 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
         apply_error: str | None = None
         rayservice: dict[str, Any] | None = None
         try:
-            for manifest in render_children(md, options):
-                applied = kube.apply(manifest, FIELD_MANAGER)
-                if manifest["kind"] == "RayService":
-                    rayservice = applied
+            rayservice = _apply_children(kube, md, options)
         except ApiException as error:
             result = "error"
             apply_error = f"{error.status} {error.reason}: {_api_message(error)}"
@@ -77,7 +76,8 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
         raycluster = None
         cluster_name = serving_cluster_name(rayservice)
         if cluster_name:
-            raycluster = kube.get(RAYCLUSTER, md.namespace, cluster_name)
+            raycluster = children.cache.observed("RayCluster", md.namespace, cluster_name)
+            raycluster = raycluster or kube.get(RAYCLUSTER, md.namespace, cluster_name)
         previous = _status_of(body)
         status = compute_status(
             md,
@@ -106,6 +106,7 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
                         action="Reconcile",
                         controller=CONTROLLER_NAME,
                     )
+        _remember(md, status.to_wire())
         condition_counts.update(
             f"{md.namespace}/{md.name}", {c.type: c.status.value for c in status.conditions}
         )
@@ -117,8 +118,58 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
             raise ReconcileError(apply_error)
 
 
+# What the last reconcile of each ModelDeployment wrote: (uid, generation, status).
+_last_written: dict[tuple[str, str], tuple[str, int, dict[str, Any]]] = {}
+_last_written_lock = threading.Lock()
+
+
+def _remember(md: ModelDeployment, status: dict[str, Any]) -> None:
+    with _last_written_lock:
+        _last_written[(md.namespace, md.name)] = (
+            str(md.metadata.get("uid")),
+            md.generation,
+            status,
+        )
+
+
+def has_written(namespace: str, name: str) -> bool:
+    with _last_written_lock:
+        return (namespace, name) in _last_written
+
+
+def is_echo(body: Mapping[str, Any]) -> bool:
+    """True when the object is exactly as our last reconcile left it (same spec generation and
+    the status we wrote): its watch event is the echo of our own write."""
+    meta = body.get("metadata", {})
+    with _last_written_lock:
+        last = _last_written.get((meta.get("namespace"), meta.get("name")))
+    if last is None:
+        return False
+    uid, generation, status = last
+    return (
+        uid == meta.get("uid")
+        and generation == meta.get("generation")
+        and status == dict(body.get("status") or {})
+    )
+
+
+def _apply_children(kube: Kube, md: ModelDeployment, options: RenderOptions) -> dict[str, Any]:
+    """Apply every child that is not already as rendered; returns the RayService as it is."""
+    rayservice: dict[str, Any] = {}
+    for manifest in render_children(md, options):
+        applied = children.cache.up_to_date(manifest)
+        if applied is None:
+            applied = kube.apply(manifest, FIELD_MANAGER)
+            children.cache.record_apply(manifest, applied)
+        if manifest["kind"] == "RayService":
+            rayservice = applied
+    return rayservice
+
+
 def forget(namespace: str, name: str) -> None:
     condition_counts.update(f"{namespace}/{name}", None)
+    with _last_written_lock:
+        _last_written.pop((namespace, name), None)
 
 
 class ReconcileError(RuntimeError):

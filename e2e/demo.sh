@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# `make demo`: the main job on the local cluster. Installs the CRDs, runs the operator in the
+# background (log: .cluster/logs/operator.log; stopped by `make cluster-down`), deploys the sample
+# ModelDeployment and shows what it became.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+export KUBECONFIG="$repo/.cluster/kubeconfig"
+py="$repo/.venv/bin/python"
+run="$repo/.cluster/run"
+metrics_port="${TRAMONTANE_OPERATOR_METRICS_PORT:-18080}"
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "Installing the Tramontane CRDs"
+kubectl apply --server-side --force-conflicts -f crds/
+kubectl wait --for=condition=Established --timeout=60s crd/modeldeployments.tramontane.dev
+
+say "Running the operator (metrics and probes on 127.0.0.1:$metrics_port)"
+mkdir -p "$run" .cluster/logs
+if [[ -f "$run/operator.pid" ]] && kill -0 "$(cat "$run/operator.pid")" 2>/dev/null; then
+  echo "already running (pid $(cat "$run/operator.pid"))"
+else
+  TRAMONTANE_METRICS_PORT="$metrics_port" TRAMONTANE_METRICS_HOST=127.0.0.1 \
+    setsid "$py" -m tramontane.controller >>.cluster/logs/operator.log 2>&1 </dev/null &
+  echo $! >"$run/operator.pid"
+  for _ in $(seq 1 60); do
+    curl -sf "http://127.0.0.1:$metrics_port/readyz" >/dev/null && break
+    sleep 0.5
+  done
+  curl -sf "http://127.0.0.1:$metrics_port/readyz" >/dev/null \
+    || { echo "operator did not become ready; see .cluster/logs/operator.log" >&2; exit 1; }
+  echo "started (pid $(cat "$run/operator.pid"))"
+fi
+
+say "Deploying config/samples/modeldeployment.yaml"
+kubectl get namespace team-finance >/dev/null 2>&1 || kubectl create namespace team-finance
+kubectl apply -f config/samples/modeldeployment.yaml
+kubectl wait -n team-finance md/llama-3-8b --for=condition=Ready --timeout=120s
+
+say "ModelDeployment status"
+kubectl get -n team-finance md llama-3-8b -o wide
+kubectl get -n team-finance md llama-3-8b -o jsonpath='{range .status.conditions[*]}{.type}={.status} ({.reason}): {.message}{"\n"}{end}'
+echo "endpoint: $(kubectl get -n team-finance md llama-3-8b -o jsonpath='{.status.endpoint}')"
+
+say "RayService and RayCluster made by the operator and KubeRay"
+kubectl get -n team-finance rayservice,raycluster
+
+say "Ray pods and the nodes they landed on"
+kubectl get -n team-finance pods -l tramontane.dev/model-deployment=llama-3-8b \
+  -o custom-columns='POD:.metadata.name,TYPE:.metadata.labels.ray\.io/node-type,NODE:.spec.nodeName,STATUS:.status.phase'
+echo
+kubectl get nodes -L topology.kubernetes.io/region,nvidia.com/gpu.product
+
+say "Operator metrics"
+curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -E '^tramontane_(reconcile_total|managed_objects\{condition="Ready")' || true
+echo
+echo "Try: export KUBECONFIG=$KUBECONFIG; kubectl scale -n team-finance md/llama-3-8b --replicas=3"

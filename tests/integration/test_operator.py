@@ -315,13 +315,17 @@ def test_each_reconcile_exports_an_opentelemetry_span_over_otlp(
 ) -> None:
     cluster.apply(sample(namespace, "traced"))
     wait_ready(cluster, namespace, "traced")
+    # The reconcile that saw the deployment Ready exported a span saying so (spans are batched:
+    # wait for it rather than take the last one received).
     spans = eventually(
-        lambda: otlp.find("reconcile ModelDeployment", **{"tramontane.tenant": namespace}),
+        lambda: otlp.find(
+            "reconcile ModelDeployment",
+            **{"tramontane.tenant": namespace, "tramontane.ready": "True"},
+        ),
         15,
-        "reconcile spans at the OTLP receiver",
+        "a reconcile span of the Ready deployment at the OTLP receiver",
     )
     span = spans[-1]
     assert span.service == "tramontane-operator"
     assert span.attributes["tramontane.deployment"] == "traced"
     assert span.attributes["tramontane.model"] == "llama-3.1-8b-instruct"
-    assert span.attributes["tramontane.ready"] == "True"

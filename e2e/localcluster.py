@@ -674,10 +674,10 @@ def up() -> None:
         _wait(component, HEALTH[component], timeout=90, pid=pid)
         log(f"{component} healthy (pid {pid}, {time.monotonic() - started:.1f}s)")
         restarted.append(component)
+    names = apply_nodes()  # idempotent; picks up an edited e2e/nodes.yaml
     if not restarted:
         log(f"already running and healthy (state in {STATE}); reusing it")
         return
-    names = apply_nodes()
     log(f"{len(names)} simulated nodes Ready ({time.monotonic() - started:.1f}s)")
     # Service-account tokens work once the token controller has created the default accounts.
     _wait(

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tramontane.api.base import GROUP, VERSION
+from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import ModelDeployment
 
 _DROPPED_KEYS = {"title", "$defs"}
@@ -153,6 +154,45 @@ def modeldeployment_crd() -> dict[str, Any]:
     )  # fmt: skip
 
 
+def residencypolicy_crd() -> dict[str, Any]:
+    return _crd(
+        kind=ResidencyPolicy.KIND,
+        plural=ResidencyPolicy.PLURAL,
+        short_names=["rp"],
+        scope="Cluster",
+        schema=_object_schema(ResidencyPolicy),
+        subresources={},
+        columns=[
+            {"name": "Jurisdiction", "type": "string", "jsonPath": ".spec.jurisdiction"},
+            {"name": "Regions", "type": "string", "jsonPath": ".spec.regions"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    )
+
+
+def tenant_crd() -> dict[str, Any]:
+    return _crd(
+        kind=Tenant.KIND,
+        plural=Tenant.PLURAL,
+        short_names=["tn"],
+        scope="Cluster",
+        schema=_object_schema(Tenant),
+        subresources={"status": {}},
+        columns=[
+            {"name": "Namespace", "type": "string", "jsonPath": ".spec.namespace"},
+            {"name": "Policy", "type": "string", "jsonPath": ".spec.residencyPolicy"},
+            {"name": "GPU-Quota", "type": "integer", "jsonPath": ".spec.quota.gpus"},
+            {"name": "GPUs-Used", "type": "integer", "jsonPath": ".status.gpusInUse"},
+            _condition_column("Ready"),
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    )
+
+
 def all_crds() -> dict[str, dict[str, Any]]:
     """File name (in crds/) → CRD manifest."""
-    return {f"{GROUP}_{ModelDeployment.PLURAL}.yaml": modeldeployment_crd()}
+    return {
+        f"{GROUP}_{ModelDeployment.PLURAL}.yaml": modeldeployment_crd(),
+        f"{GROUP}_{ResidencyPolicy.PLURAL}.yaml": residencypolicy_crd(),
+        f"{GROUP}_{Tenant.PLURAL}.yaml": tenant_crd(),
+    }

@@ -16,9 +16,10 @@ from typing import Any
 
 import kopf
 
-from tramontane.controller import children, reconcile
-from tramontane.controller.kube import MODELDEPLOYMENT, Kube
+from tramontane.controller import children, reconcile, tenants
+from tramontane.controller.kube import MODELDEPLOYMENT, TENANT, Kube
 from tramontane.render.rayservice import DEPLOYMENT_LABEL, RenderOptions
+from tramontane.render.tenant import TenantOptions
 
 log = logging.getLogger(__name__)
 RETRY_DELAYS = (1, 2, 4, 8, 15)
@@ -30,6 +31,7 @@ class Runtime:
     def __init__(self) -> None:
         self.kube: Kube | None = None
         self.options = RenderOptions()
+        self.tenant_options = TenantOptions()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -186,3 +188,35 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     runtime.client()
+
+
+def reconcile_tenant_by_name(name: str, with_deployments: bool = False) -> None:
+    """Reconcile a Tenant; with_deployments: then its ModelDeployments (policy or tenant changed,
+    so their placement and compliance may have)."""
+    kube = runtime.client()
+    with runtime.lock("", name):
+        body = kube.get(TENANT, None, name)
+        if body is None:
+            tenants.condition_counts.update(name, None)
+            return
+        tenants.reconcile_tenant(kube, body, runtime.tenant_options)
+    if with_deployments:
+        namespace = body["spec"]["namespace"]
+        for item in kube.list_all(MODELDEPLOYMENT, namespace):
+            reconcile_by_name(namespace, item["metadata"]["name"])
+
+
+@kopf.on.event("tramontane.dev", "v1alpha1", "tenants")
+def tenant_event(event: kopf.RawEvent, name: str, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        tenants.condition_counts.update(name, None)
+        return
+    reconcile_tenant_by_name(name, with_deployments=True)
+
+
+@kopf.on.event("tramontane.dev", "v1alpha1", "residencypolicies")
+def residency_policy_event(name: str, **_: Any) -> None:
+    """A changed (or new, or deleted) policy re-reconciles every tenant that references it."""
+    for item in runtime.client().list_all(TENANT):
+        if item.get("spec", {}).get("residencyPolicy") == name:
+            reconcile_tenant_by_name(item["metadata"]["name"], with_deployments=True)

@@ -48,7 +48,20 @@ PODMONITOR = Kind("monitoring.coreos.com", "v1", "podmonitors")
 MODELDEPLOYMENT = Kind("tramontane.dev", "v1alpha1", "modeldeployments")
 EVENT = Kind("events.k8s.io", "v1", "events")
 
+TENANT = Kind("tramontane.dev", "v1alpha1", "tenants", namespaced=False)
+RESIDENCYPOLICY = Kind("tramontane.dev", "v1alpha1", "residencypolicies", namespaced=False)
+NAMESPACE = Kind("", "v1", "namespaces", namespaced=False)
+
 KINDS = {
+    ("v1", "Namespace"): NAMESPACE,
+    ("v1", "ResourceQuota"): Kind("", "v1", "resourcequotas"),
+    ("v1", "LimitRange"): Kind("", "v1", "limitranges"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): Kind("networking.k8s.io", "v1", "networkpolicies"),
+    ("rbac.authorization.k8s.io/v1", "Role"): Kind("rbac.authorization.k8s.io", "v1", "roles"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): Kind(
+        "rbac.authorization.k8s.io", "v1", "rolebindings"
+    ),
+    ("tramontane.dev/v1alpha1", "Tenant"): TENANT,
     ("ray.io/v1", "RayService"): RAYSERVICE,
     ("ray.io/v1", "RayCluster"): RAYCLUSTER,
     ("monitoring.coreos.com/v1", "PodMonitor"): PODMONITOR,
@@ -127,7 +140,7 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
-    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             return self._call("GET", kind.path(namespace, name))
         except ApiException as error:
@@ -135,12 +148,19 @@ class Kube:
                 return None
             raise
 
-    def list_all(self, kind: Kind) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = self._call("GET", kind.path(None)).get("items", [])
+    def delete(self, kind: Kind, namespace: str | None, name: str) -> None:
+        try:
+            self._call("DELETE", kind.path(namespace, name))
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def list_all(self, kind: Kind, namespace: str | None = None) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._call("GET", kind.path(namespace)).get("items", [])
         return items
 
     def patch_status(
-        self, kind: Kind, namespace: str, name: str, status: dict[str, Any]
+        self, kind: Kind, namespace: str | None, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:
         return self._call(
             "PATCH",
@@ -161,6 +181,8 @@ class Kube:
     ) -> None:
         """An events.k8s.io/v1 Event about an object (best effort: never fails a reconcile)."""
         meta = regarding["metadata"]
+        # Events about cluster-scoped objects (Tenants) live in `default`, as kubectl expects.
+        namespace = meta.get("namespace") or "default"
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         body = {
             "apiVersion": "events.k8s.io/v1",
@@ -168,7 +190,7 @@ class Kube:
             # Named like client-go's recorder does: <object>.<unique suffix>.
             "metadata": {
                 "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
-                "namespace": meta["namespace"],
+                "namespace": namespace,
             },
             "eventTime": now,
             "reportingController": controller,
@@ -181,12 +203,12 @@ class Kube:
                 "apiVersion": regarding["apiVersion"],
                 "kind": regarding["kind"],
                 "name": meta["name"],
-                "namespace": meta["namespace"],
+                "namespace": meta.get("namespace", ""),
                 "uid": meta.get("uid"),
             },
         }
         try:
-            self._call("POST", EVENT.path(meta["namespace"]), body=body)
+            self._call("POST", EVENT.path(namespace), body=body)
         except ApiException as error:
             log.warning(
                 "could not post event %s on %s: %s %s",

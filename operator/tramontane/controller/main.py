@@ -10,20 +10,24 @@ from typing import Any
 import kopf
 
 from tramontane.controller import handlers, telemetry
-from tramontane.controller.kube import MODELDEPLOYMENT
+from tramontane.controller.kube import MODELDEPLOYMENT, TENANT
 
 log = logging.getLogger(__name__)
 RESYNC_SECONDS = 60
 
 
 def _resync_unreconciled(stop: threading.Event) -> None:
-    """Retry deployments whose last reconcile failed: no watch event may come to retry them."""
+    """Retry deployments whose last reconcile failed (no watch event may come to retry them) and
+    refresh every Tenant's quota use."""
     while not stop.wait(RESYNC_SECONDS):
         try:
             items = handlers.runtime.client().list_all(MODELDEPLOYMENT)
         except Exception:
             log.exception("resync listing failed")
             continue
+        for tenant in handlers.runtime.client().list_all(TENANT):
+            # Quota use in the Tenant's status follows its deployments at this pace.
+            handlers.reconcile_tenant_by_name(tenant["metadata"]["name"])
         for item in items:
             conditions = item.get("status", {}).get("conditions", [])
             reconciled = next((c for c in conditions if c.get("type") == "Reconciled"), None)

@@ -18,11 +18,21 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from tramontane.api.conditions import ConditionStatus, find
+from tramontane.api.tenancy import ResidencyPolicy
 from tramontane.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus
 from tramontane.controller import children, telemetry
-from tramontane.controller.kube import MODELDEPLOYMENT, RAYCLUSTER, Kube
+from tramontane.controller.kube import (
+    MODELDEPLOYMENT,
+    NAMESPACE,
+    RAYCLUSTER,
+    RAYSERVICE,
+    RESIDENCYPOLICY,
+    Kube,
+)
+from tramontane.policy.residency import disallowed_sources, region_requirements
 from tramontane.render.rayservice import FIELD_MANAGER, RenderOptions, render_children
 from tramontane.render.status import Observed, compute_status, serving_cluster_name, transitions
+from tramontane.render.tenant import POLICY_LABEL, TENANT_LABEL
 
 log = logging.getLogger(__name__)
 CONTROLLER_NAME = "tramontane.dev/operator"
@@ -31,6 +41,7 @@ condition_counts = telemetry.ConditionCounts(KIND)
 
 _EVENT_REASONS = {
     ("Reconciled", ConditionStatus.FALSE): ("Warning", "ReconcileFailed"),
+    ("ResidencyCompliant", ConditionStatus.FALSE): ("Warning", "ResidencyViolation"),
     ("Available", ConditionStatus.TRUE): ("Normal", "Available"),
     ("Available", ConditionStatus.FALSE): ("Normal", "Unavailable"),
     ("Ready", ConditionStatus.TRUE): ("Normal", "Ready"),
@@ -65,9 +76,14 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
     ) as span:
         result = "success"
         apply_error: str | None = None
+        residency: tuple[ConditionStatus, str, str] | None = None
         rayservice: dict[str, Any] | None = None
         try:
-            rayservice = _apply_children(kube, md, options)
+            residency, placement = _residency(kube, md)
+            if residency is not None and residency[0] is ConditionStatus.FALSE:
+                _withdraw(kube, md, residency[2])
+            else:
+                rayservice = _apply_children(kube, md, options, placement)
         except ApiException as error:
             result = "error"
             apply_error = f"{error.status} {error.reason}: {_api_message(error)}"
@@ -81,7 +97,12 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
         previous = _status_of(body)
         status = compute_status(
             md,
-            Observed(rayservice=rayservice, raycluster=raycluster, apply_error=apply_error),
+            Observed(
+                rayservice=rayservice,
+                raycluster=raycluster,
+                apply_error=apply_error,
+                residency=residency,
+            ),
             previous=previous,
             options=options,
             now=datetime.now(UTC).replace(microsecond=0),
@@ -153,10 +174,53 @@ def is_echo(body: Mapping[str, Any]) -> bool:
     )
 
 
-def _apply_children(kube: Kube, md: ModelDeployment, options: RenderOptions) -> dict[str, Any]:
+def _residency(
+    kube: Kube, md: ModelDeployment
+) -> tuple[tuple[ConditionStatus, str, str] | None, list[dict[str, Any]]]:
+    """The deployment's ResidencyCompliant verdict and the node placement its pods must get.
+
+    The tenant and its policy are read from the namespace's labels, which only the operator
+    (through the Tenant) sets: tenant admins cannot edit their namespace.
+    """
+    namespace = kube.get(NAMESPACE, None, md.namespace) or {}
+    labels = namespace.get("metadata", {}).get("labels") or {}
+    if TENANT_LABEL not in labels:
+        return None, []
+    policy_name = labels.get(POLICY_LABEL, "")
+    policy_body = kube.get(RESIDENCYPOLICY, None, policy_name) if policy_name else None
+    if policy_body is None:
+        # Fail closed: without its policy we cannot know where the model may run.
+        return (ConditionStatus.FALSE, "ResidencyPolicyNotFound",
+                f"ResidencyPolicy {policy_name!r} of tenant {labels[TENANT_LABEL]} "
+                "does not exist"), []  # fmt: skip
+    policy = ResidencyPolicy.from_body(policy_body)
+    denied = disallowed_sources(md, policy.spec)
+    if denied:
+        return (ConditionStatus.FALSE, "ModelSourceNotAllowed",
+                f"{', '.join(denied)} not allowed by ResidencyPolicy {policy.name} "
+                f"(modelSources: {', '.join(policy.spec.model_sources)})"), []  # fmt: skip
+    placement = region_requirements(policy.spec)
+    where = ", ".join(policy.spec.regions) + (
+        f" (zones {', '.join(policy.spec.zones)})" if policy.spec.zones else ""
+    )
+    return (ConditionStatus.TRUE, "WithinPolicy",
+            f"Ray pods required to run in {where} by ResidencyPolicy {policy.name} "
+            f"({policy.spec.jurisdiction})"), placement  # fmt: skip
+
+
+def _withdraw(kube: Kube, md: ModelDeployment, why: str) -> None:
+    """A deployment that breaks its residency policy must not run: remove its RayService."""
+    if kube.get(RAYSERVICE, md.namespace, md.name) is not None:
+        log.warning("deleting RayService %s/%s: %s", md.namespace, md.name, why)
+        kube.delete(RAYSERVICE, md.namespace, md.name)
+
+
+def _apply_children(
+    kube: Kube, md: ModelDeployment, options: RenderOptions, placement: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Apply every child that is not already as rendered; returns the RayService as it is."""
     rayservice: dict[str, Any] = {}
-    for manifest in render_children(md, options):
+    for manifest in render_children(md, options, placement):
         applied = children.cache.up_to_date(manifest)
         if applied is None:
             applied = kube.apply(manifest, FIELD_MANAGER)

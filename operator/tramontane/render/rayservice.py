@@ -143,7 +143,9 @@ def _port(name: str, port: int) -> dict[str, Any]:
     return {"name": name, "containerPort": port, "protocol": "TCP"}
 
 
-def _head_group(md: ModelDeployment, options: RenderOptions) -> dict[str, Any]:
+def _head_group(
+    md: ModelDeployment, options: RenderOptions, placement: list[dict[str, Any]]
+) -> dict[str, Any]:
     container = _container(
         "ray-head",
         options.serving_image,
@@ -165,32 +167,30 @@ def _head_group(md: ModelDeployment, options: RenderOptions) -> dict[str, Any]:
             "spec": {
                 "securityContext": restricted_pod_security(),
                 "containers": [container],
+                **({"affinity": _required_affinity(placement)} if placement else {}),
             },
         },
     }
 
 
-def _gpu_affinity(accelerator: AcceleratorType) -> dict[str, Any]:
+def _required_affinity(requirements: list[dict[str, Any]]) -> dict[str, Any]:
+    """Required node affinity: one term, all requirements ANDed."""
     return {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [
-                    {
-                        "matchExpressions": [
-                            {
-                                "key": GPU_PRODUCT_LABEL,
-                                "operator": "In",
-                                "values": list(GPU_PRODUCTS[accelerator]),
-                            }
-                        ]
-                    }
-                ]
+                "nodeSelectorTerms": [{"matchExpressions": requirements}]
             }
         }
     }
 
 
-def _worker_group(md: ModelDeployment, options: RenderOptions) -> dict[str, Any]:
+def _gpu_requirement(accelerator: AcceleratorType) -> dict[str, Any]:
+    return {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(GPU_PRODUCTS[accelerator])}
+
+
+def _worker_group(
+    md: ModelDeployment, options: RenderOptions, placement: list[dict[str, Any]]
+) -> dict[str, Any]:
     spec = md.spec
     gpus = spec.accelerator.gpus
     if gpus:
@@ -212,7 +212,10 @@ def _worker_group(md: ModelDeployment, options: RenderOptions) -> dict[str, Any]
         pod_spec["tolerations"] = [
             {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
         ]
-        pod_spec["affinity"] = _gpu_affinity(spec.accelerator.type)
+    requirements = [_gpu_requirement(spec.accelerator.type)] if gpus else []
+    requirements += placement
+    if requirements:
+        pod_spec["affinity"] = _required_affinity(requirements)
     return {
         "groupName": spec.accelerator.type.value.lower(),
         # One Ray worker pod per serving replica: a replica's engine uses all of its GPUs.
@@ -226,8 +229,13 @@ def _worker_group(md: ModelDeployment, options: RenderOptions) -> dict[str, Any]
 
 
 def render_rayservice(
-    md: ModelDeployment, options: RenderOptions, args: ServingArgs | None = None
+    md: ModelDeployment,
+    options: RenderOptions,
+    args: ServingArgs | None = None,
+    placement: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """`placement`: node-selector requirements every Ray pod must meet (residency regions)."""
+    placement = placement or []
     spec = md.spec
     return {
         "apiVersion": "ray.io/v1",
@@ -246,8 +254,8 @@ def render_rayservice(
                     "securityContext": restricted_container_security(),
                     "resources": _resources(1, 1, 0),
                 },
-                "headGroupSpec": _head_group(md, options),
-                "workerGroupSpecs": [_worker_group(md, options)],
+                "headGroupSpec": _head_group(md, options, placement),
+                "workerGroupSpecs": [_worker_group(md, options, placement)],
             },
         },
     }
@@ -280,6 +288,8 @@ def pod_selector(md: ModelDeployment) -> str:
     return f"{DEPLOYMENT_LABEL}={md.name},ray.io/node-type=worker"
 
 
-def render_children(md: ModelDeployment, options: RenderOptions) -> list[dict[str, Any]]:
+def render_children(
+    md: ModelDeployment, options: RenderOptions, placement: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Every object the operator keeps in place for one ModelDeployment."""
-    return [render_rayservice(md, options), render_podmonitor(md)]
+    return [render_rayservice(md, options, placement=placement), render_podmonitor(md)]

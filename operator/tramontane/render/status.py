@@ -11,6 +11,7 @@ from tramontane.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus
 from tramontane.render.rayservice import RenderOptions, endpoint, pod_selector
 
 RECONCILED = "Reconciled"
+RESIDENCY = "ResidencyCompliant"
 AVAILABLE = "Available"
 READY = "Ready"
 _FAILED_APP_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
@@ -23,6 +24,8 @@ class Observed:
     rayservice: dict[str, Any] | None
     raycluster: dict[str, Any] | None
     apply_error: str | None = None
+    # (status, reason, message) of ResidencyCompliant; None: the namespace has no tenant.
+    residency: tuple[ConditionStatus, str, str] | None = None
 
 
 def serving_cluster_name(rayservice: dict[str, Any] | None) -> str | None:
@@ -88,6 +91,19 @@ def compute_status(
             (True, "Applied", f"RayService {md.name} and PodMonitor {md.name} match the spec"),
         )  # fmt: skip
     conditions = set_condition(conditions, reconciled)
+    residency_status, residency_reason, residency_message = observed.residency or (
+        ConditionStatus.UNKNOWN, "NoTenant",
+        f"namespace {md.namespace} belongs to no Tenant: no residency policy applies",
+    )  # fmt: skip
+    residency = Condition(
+        type=RESIDENCY,
+        status=residency_status,
+        reason=residency_reason,
+        message=residency_message,
+        last_transition_time=now,
+        observed_generation=md.generation,
+    )
+    conditions = set_condition(conditions, residency)
 
     raycluster = observed.raycluster
     status = (raycluster or {}).get("status", {})
@@ -123,7 +139,9 @@ def compute_status(
     conditions = set_condition(conditions, _condition(md, now, AVAILABLE, available))
 
     ready: Verdict
-    if reconciled.status is not ConditionStatus.TRUE:
+    if residency.status is ConditionStatus.FALSE:
+        ready = (False, residency.reason, residency.message)
+    elif reconciled.status is not ConditionStatus.TRUE:
         ready = (False, reconciled.reason, reconciled.message)
     elif not available[0]:
         ready = (False, available[1], available[2])

@@ -1,0 +1,83 @@
+"""Reconcile one Tenant: its namespace and guard rails, and a status with its quota use."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from tramontane.api.conditions import Condition, ConditionStatus, set_condition
+from tramontane.api.tenancy import ResidencyPolicy, Tenant, TenantStatus
+from tramontane.api.v1alpha1 import ModelDeployment
+from tramontane.controller import telemetry
+from tramontane.controller.kube import MODELDEPLOYMENT, NAMESPACE, RESIDENCYPOLICY, TENANT, Kube
+from tramontane.policy.residency import gpus_at_max_scale
+from tramontane.render.rayservice import FIELD_MANAGER
+from tramontane.render.tenant import TENANT_LABEL, TenantOptions, render_tenant
+
+log = logging.getLogger(__name__)
+KIND = "Tenant"
+condition_counts = telemetry.ConditionCounts(KIND)
+
+
+def _verdict(tenant: Tenant, kube: Kube, options: TenantOptions) -> tuple[bool, str, str]:
+    """Apply the tenant's objects if it can be done safely; say what happened."""
+    policy_body = kube.get(RESIDENCYPOLICY, None, tenant.spec.residency_policy)
+    if policy_body is None:
+        return (False, "ResidencyPolicyNotFound",
+                f"ResidencyPolicy {tenant.spec.residency_policy} does not exist")  # fmt: skip
+    policy = ResidencyPolicy.from_body(policy_body)
+    existing = kube.get(NAMESPACE, None, tenant.spec.namespace)
+    owner = ((existing or {}).get("metadata", {}).get("labels") or {}).get(TENANT_LABEL)
+    if existing is not None and owner != tenant.name:
+        # Never adopt a namespace we did not create: deleting the Tenant would delete it.
+        whose = f"tenant {owner}" if owner else "no tenant"
+        message = f"namespace {tenant.spec.namespace} already exists and belongs to {whose}"
+        return (False, "NamespaceTaken", message)
+    for manifest in render_tenant(tenant, policy, options):
+        kube.apply(manifest, FIELD_MANAGER)
+    return (True, "Provisioned",
+            f"namespace {tenant.spec.namespace} with quota, limits, network policies and RBAC "
+            f"under residency policy {policy.name} ({policy.spec.jurisdiction})")  # fmt: skip
+
+
+def reconcile_tenant(kube: Kube, body: dict[str, Any], options: TenantOptions) -> None:
+    if body["metadata"].get("deletionTimestamp"):
+        return
+    tenant = Tenant.from_body(body)
+    with telemetry.tracer.start_as_current_span(
+        "reconcile Tenant", attributes={"tramontane.tenant": tenant.name}
+    ):
+        result = "success"
+        try:
+            verdict = _verdict(tenant, kube, options)
+        except ApiException as error:
+            result = "error"
+            verdict = (False, "ApplyFailed", f"{error.status} {error.reason}")
+            log.warning("tenant %s: apply failed: %s", tenant.name, error.body)
+        deployments = [
+            ModelDeployment.from_body(item)
+            for item in kube.list_all(MODELDEPLOYMENT, tenant.spec.namespace)
+        ] if verdict[0] else []  # fmt: skip
+        previous_raw = body.get("status") or {}
+        previous = TenantStatus.model_validate(previous_raw) if previous_raw else None
+        ready = Condition(
+            type="Ready",
+            status=ConditionStatus.TRUE if verdict[0] else ConditionStatus.FALSE,
+            reason=verdict[1],
+            message=verdict[2],
+            last_transition_time=datetime.now(UTC).replace(microsecond=0),
+            observed_generation=int(body["metadata"].get("generation", 0)),
+        )
+        status = TenantStatus(
+            observed_generation=int(body["metadata"].get("generation", 0)),
+            conditions=set_condition(list(previous.conditions) if previous else [], ready),
+            gpus_in_use=sum(gpus_at_max_scale(md) for md in deployments),
+            model_deployments=len(deployments),
+        )
+        if previous is None or previous.to_wire() != status.to_wire():
+            kube.patch_status(TENANT, None, tenant.name, status.to_wire())
+        condition_counts.update(tenant.name, {"Ready": ready.status.value})
+        telemetry.RECONCILES.labels(KIND, result).inc()

@@ -1,0 +1,74 @@
+"""Residency and quota rules, as pure functions shared by admission and reconcile."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+
+from tramontane.api.tenancy import ResidencyPolicySpec, Tenant
+from tramontane.api.v1alpha1 import ModelDeployment
+
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+@lru_cache(maxsize=1024)
+def _glob(pattern: str) -> re.Pattern[str]:
+    """`**` matches anything (slashes included), `*` anything within one path segment."""
+    parts = re.split(r"(\*\*|\*)", pattern)
+    regex = "".join(
+        ".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part) for part in parts
+    )
+    return re.compile(rf"^{regex}$")
+
+
+def source_allowed(uri: str, patterns: Iterable[str]) -> bool:
+    return any(_glob(pattern).match(uri) for pattern in patterns)
+
+
+def disallowed_sources(md: ModelDeployment, policy: ResidencyPolicySpec) -> list[str]:
+    """The model and adapter URIs of a deployment that the policy does not allow."""
+    uris = [md.spec.model.uri, *(adapter.uri for adapter in md.spec.adapters)]
+    return [uri for uri in uris if not source_allowed(uri, policy.model_sources)]
+
+
+def region_requirements(policy: ResidencyPolicySpec) -> list[dict[str, object]]:
+    """Node-selector requirements that keep a pod inside the policy's regions and zones."""
+    requirements: list[dict[str, object]] = []
+    if policy.regions != ["*"]:
+        requirements.append({"key": REGION_LABEL, "operator": "In", "values": list(policy.regions)})
+    if policy.zones:
+        requirements.append({"key": ZONE_LABEL, "operator": "In", "values": list(policy.zones)})
+    return requirements
+
+
+def gpus_at_max_scale(md: ModelDeployment) -> int:
+    """GPUs a deployment may hold at its autoscaling maximum: what the tenant quota counts."""
+    return md.spec.scaling.max_replicas * md.spec.accelerator.gpus
+
+
+def quota_violation(
+    tenant: Tenant, others: Iterable[ModelDeployment], candidate: ModelDeployment
+) -> str | None:
+    """Why `candidate` (new or changed) would exceed the tenant's quota, or None.
+
+    `others` are the tenant's other deployments (the candidate's previous version excluded).
+    """
+    others = list(others)
+    used = sum(gpus_at_max_scale(md) for md in others)
+    wanted = gpus_at_max_scale(candidate)
+    quota = tenant.spec.quota
+    if used + wanted > quota.gpus:
+        return (
+            f"tenant {tenant.name} GPU quota exceeded: quota.gpus is {quota.gpus}, "
+            f"{used} in use by {len(others)} other deployment(s), this one needs {wanted} "
+            f"(scaling.maxReplicas {candidate.spec.scaling.max_replicas} x accelerator.count "
+            f"{candidate.spec.accelerator.gpus})"
+        )
+    if len(others) + 1 > quota.model_deployments:
+        return (
+            f"tenant {tenant.name} quota exceeded: quota.modelDeployments is "
+            f"{quota.model_deployments} and {len(others)} exist"
+        )
+    return None

@@ -1,0 +1,256 @@
+"""Tenant → its namespace and guard rails (quota, limits, network policies, RBAC). Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tramontane.api.base import API_VERSION, GROUP
+from tramontane.api.tenancy import ResidencyPolicy, Subjects, Tenant
+from tramontane.render.rayservice import GPU_RESOURCE, METRICS_PORT, SERVE_PORT
+
+TENANT_LABEL = "tramontane.dev/tenant"
+POLICY_LABEL = "tramontane.dev/residency-policy"
+JURISDICTION_LABEL = "tramontane.dev/jurisdiction"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+ADMIN_ROLE = "tramontane-tenant-admin"
+MEMBER_ROLE = "tramontane-tenant-member"
+
+
+@dataclass(frozen=True)
+class TenantOptions:
+    """Installation-wide settings for tenant namespaces."""
+
+    monitoring_namespaces: tuple[str, ...] = ("monitoring",)
+    dns_namespace: str = "kube-system"
+    # The Ray autoscaler in each head pod talks to the API server; list its address(es) here.
+    api_server_cidrs: tuple[str, ...] = ()
+    default_limits: dict[str, str] = field(default_factory=lambda: {"cpu": "2", "memory": "4Gi"})
+    default_requests: dict[str, str] = field(
+        default_factory=lambda: {"cpu": "500m", "memory": "1Gi"}
+    )
+
+
+def tenant_labels(tenant: Tenant) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/managed-by": "tramontane",
+        "app.kubernetes.io/part-of": "tramontane",
+        TENANT_LABEL: tenant.name,
+    }
+
+
+def _owner(tenant: Tenant) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Tenant",
+        "name": tenant.name,
+        "uid": tenant.metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(tenant: Tenant, name: str, namespaced: bool = True) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "labels": tenant_labels(tenant),
+        "ownerReferences": [_owner(tenant)],
+    }
+    if namespaced:
+        meta["namespace"] = tenant.spec.namespace
+    return meta
+
+
+def render_namespace(tenant: Tenant, policy: ResidencyPolicy) -> dict[str, Any]:
+    meta = _meta(tenant, tenant.spec.namespace, namespaced=False)
+    meta["labels"] |= {
+        POLICY_LABEL: policy.name,
+        JURISDICTION_LABEL: policy.spec.jurisdiction,
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+        "pod-security.kubernetes.io/warn": "restricted",
+        "pod-security.kubernetes.io/audit": "restricted",
+    }
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
+
+
+def render_resource_quota(tenant: Tenant) -> dict[str, Any]:
+    quota = tenant.spec.quota
+    # Pods: one head per deployment plus at most one worker per GPU, with room for rollouts
+    # (KubeRay starts a new cluster beside the old one during an upgrade).
+    pods = 2 * (quota.model_deployments + quota.gpus) + 10
+    return {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": _meta(tenant, "tramontane-tenant"),
+        "spec": {
+            "hard": {
+                f"requests.{GPU_RESOURCE}": str(quota.gpus),
+                "pods": str(pods),
+                f"count/modeldeployments.{GROUP}": str(quota.model_deployments),
+            }
+        },
+    }
+
+
+def render_limit_range(tenant: Tenant, options: TenantOptions) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "LimitRange",
+        "metadata": _meta(tenant, "tramontane-tenant"),
+        "spec": {
+            "limits": [
+                {
+                    "type": "Container",
+                    "default": dict(options.default_limits),
+                    "defaultRequest": dict(options.default_requests),
+                }
+            ]
+        },
+    }
+
+
+def _netpol(tenant: Tenant, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(tenant, name),
+        "spec": {"podSelector": {}, **spec},
+    }
+
+
+def _namespaces(names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "namespaceSelector": {
+            "matchExpressions": [
+                {"key": NAMESPACE_NAME_LABEL, "operator": "In", "values": list(names)}
+            ]
+        }
+    }
+
+
+def _tcp(*ports: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": port} for port in ports]
+
+
+def render_network_policies(
+    tenant: Tenant, policy: ResidencyPolicy, options: TenantOptions
+) -> list[dict[str, Any]]:
+    """Default deny in and out, then one policy per allowed flow (named after it)."""
+    network = tenant.spec.network
+    policies = [
+        _netpol(tenant, "default-deny", {"policyTypes": ["Ingress", "Egress"]}),
+        _netpol(tenant, "allow-same-namespace", {
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [{"podSelector": {}}]}],
+            "egress": [{"to": [{"podSelector": {}}]}],
+        }),
+        _netpol(tenant, "allow-dns", {
+            "policyTypes": ["Egress"],
+            "egress": [{
+                "to": [{**_namespaces([options.dns_namespace]),
+                        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+                "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+            }],
+        }),
+        _netpol(tenant, "allow-prometheus-scrape", {
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [_namespaces(options.monitoring_namespaces)],
+                         "ports": _tcp(METRICS_PORT)}],
+        }),
+    ]  # fmt: skip
+    sources: list[dict[str, Any]] = []
+    if network.ingress_namespaces:
+        sources.append(_namespaces(network.ingress_namespaces))
+    sources += [{"ipBlock": {"cidr": cidr}} for cidr in network.ingress_cidrs]
+    if sources:
+        policies.append(
+            _netpol(
+                tenant,
+                "allow-ingress-sources",
+                {
+                    "policyTypes": ["Ingress"],
+                    "ingress": [{"from": sources, "ports": _tcp(SERVE_PORT)}],
+                },
+            )
+        )
+    egress = list(policy.spec.egress_cidrs) + list(options.api_server_cidrs)
+    if egress:
+        policies.append(
+            _netpol(
+                tenant,
+                "allow-egress-residency-policy",
+                {
+                    "policyTypes": ["Egress"],
+                    "egress": [{"to": [{"ipBlock": {"cidr": cidr}} for cidr in egress]}],
+                },
+            )
+        )
+    return policies
+
+
+def _role(tenant: Tenant, name: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(tenant, name),
+        "rules": rules,
+    }
+
+
+READ = ["get", "list", "watch"]
+WRITE = ["create", "update", "patch", "delete"]
+
+
+def render_roles(tenant: Tenant) -> list[dict[str, Any]]:
+    admin_rules = [
+        {"apiGroups": [GROUP], "resources": ["modeldeployments", "modeldeployments/scale"],
+         "verbs": READ + WRITE},
+        {"apiGroups": [GROUP], "resources": ["modeldeployments/status"], "verbs": READ},
+        {"apiGroups": [""], "resources": ["pods", "pods/log", "events", "services"],
+         "verbs": READ},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": READ},
+        # API-key and model-credential Secrets of their own namespace.
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": READ + WRITE},
+        {"apiGroups": ["ray.io"], "resources": ["rayservices", "rayclusters"], "verbs": READ},
+    ]  # fmt: skip
+    member_rules = [
+        {"apiGroups": [GROUP], "resources": ["modeldeployments"], "verbs": READ},
+    ]
+    return [_role(tenant, ADMIN_ROLE, admin_rules), _role(tenant, MEMBER_ROLE, member_rules)]
+
+
+def _subjects(subjects: Subjects) -> list[dict[str, str]]:
+    api = "rbac.authorization.k8s.io"
+    return [{"apiGroup": api, "kind": "Group", "name": g} for g in subjects.groups] + [
+        {"apiGroup": api, "kind": "User", "name": u} for u in subjects.users
+    ]
+
+
+def render_role_bindings(tenant: Tenant) -> list[dict[str, Any]]:
+    bindings = []
+    for role, subjects in ((ADMIN_ROLE, tenant.spec.admins), (MEMBER_ROLE, tenant.spec.members)):
+        bindings.append(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": _meta(tenant, role),
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+                "subjects": _subjects(subjects),
+            }
+        )
+    return bindings
+
+
+def render_tenant(
+    tenant: Tenant, policy: ResidencyPolicy, options: TenantOptions
+) -> list[dict[str, Any]]:
+    """Everything the operator keeps in place for a tenant, namespace first."""
+    return [
+        render_namespace(tenant, policy),
+        render_resource_quota(tenant),
+        render_limit_range(tenant, options),
+        *render_network_policies(tenant, policy, options),
+        *render_roles(tenant),
+        *render_role_bindings(tenant),
+    ]

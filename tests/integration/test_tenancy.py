@@ -1,0 +1,303 @@
+"""Tenants and residency policies on the real control plane (KWOK nodes in EU and US regions)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.conftest import OperatorProcess
+from tests.integration.test_operator import condition, get, sample, wait_ready
+from tests.kube import Kubectl, KubectlError, eventually
+
+REPO = Path(__file__).resolve().parents[2]
+EU_REGIONS = {"eu-west-1", "eu-west-3", "eu-central-1", "eu-central-2", "eu-north-1",
+              "eu-south-1", "eu-south-2"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def presets(crds: Kubectl) -> Kubectl:
+    crds.run("apply", "-f", str(REPO / "policies" / "presets"))
+    return crds
+
+
+def tenant_manifest(name: str, policy: str, gpus: int = 64, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "tramontane.dev/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": name},
+        "spec": {
+            "namespace": name,
+            "residencyPolicy": policy,
+            "quota": {"gpus": gpus, "modelDeployments": 30},
+            "admins": {"groups": [f"{name}-admins"]},
+            "members": {"users": [f"reader@{name}.example"]},
+            **spec,
+        },
+    }
+
+
+@pytest.fixture
+def make_tenant(presets: Kubectl, operator: OperatorProcess) -> Iterator[Any]:
+    created: list[str] = []
+
+    def make(policy: str, **kwargs: Any) -> str:
+        name = f"tn-{uuid.uuid4().hex[:6]}"
+        presets.apply(tenant_manifest(name, policy, **kwargs))
+        created.append(name)
+        eventually(
+            lambda: (
+                condition(get(presets, "tenant", "", name) or {}, "Ready").get("status") == "True"
+            ),
+            30,
+            f"Tenant {name} Ready",
+        )
+        return name
+
+    yield make
+    for name in created:
+        presets.run("delete", "tenant", name, "--wait=false")
+
+
+def _eu_sample(namespace: str, name: str) -> dict[str, Any]:
+    md = sample(namespace, name, adapters=[], scaling={"minReplicas": 1, "maxReplicas": 3})
+    md["spec"]["model"]["uri"] = "pvc://models/llama-3.1-8b-instruct"
+    return md
+
+
+def test_tenant_namespace_has_its_guard_rails(cluster: Kubectl, make_tenant: Any) -> None:
+    name = make_tenant("eu", network={"ingressNamespaces": ["api-gateway"],
+                                      "ingressCIDRs": ["10.10.0.0/16"]})  # fmt: skip
+    labels = cluster.json("get", "namespace", name)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert labels["tramontane.dev/tenant"] == name
+    assert labels["tramontane.dev/residency-policy"] == "eu"
+    quota = cluster.json("get", "resourcequota", "tramontane-tenant", "-n", name)["spec"]["hard"]
+    assert quota["requests.nvidia.com/gpu"] == "64"
+    assert quota["count/modeldeployments.tramontane.dev"] == "30"
+    assert "pods" in quota
+    cluster.run("get", "limitrange", "tramontane-tenant", "-n", name)
+
+    # (f) NetworkPolicies: stored with the expected rules (no CNI here enforces them).
+    policies = {
+        p["metadata"]["name"]: p["spec"]
+        for p in cluster.json("get", "networkpolicy", "-n", name)["items"]
+    }
+    deny = policies["default-deny"]
+    assert deny["podSelector"] == {} and sorted(deny["policyTypes"]) == ["Egress", "Ingress"]
+    assert "ingress" not in deny and "egress" not in deny
+    assert policies["allow-same-namespace"]["ingress"] == [{"from": [{"podSelector": {}}]}]
+    dns = policies["allow-dns"]["egress"][0]
+    assert {"protocol": "UDP", "port": 53} in dns["ports"]
+    scrape = policies["allow-prometheus-scrape"]["ingress"][0]
+    assert scrape["ports"] == [{"protocol": "TCP", "port": 8080}]
+    sources = policies["allow-ingress-sources"]["ingress"][0]
+    assert {"ipBlock": {"cidr": "10.10.0.0/16"}} in sources["from"]
+    selector = sources["from"][0]["namespaceSelector"]["matchExpressions"][0]
+    assert selector["values"] == ["api-gateway"]
+    assert "allow-egress-residency-policy" not in policies, "the eu preset allows no egress CIDR"
+
+
+def test_rbac_isolates_tenants(cluster: Kubectl, make_tenant: Any) -> None:
+    tenant_a, tenant_b = make_tenant("eu"), make_tenant("unrestricted")
+    admin_a = cluster.as_user("alice", f"{tenant_a}-admins")
+    # Manage their own deployments, read their pods, manage their own Secrets.
+    admin_a.apply(_eu_sample(tenant_a, "own"))
+    assert admin_a.json("get", "md", "-n", tenant_a)["items"]
+    admin_a.run("get", "pods", "-n", tenant_a)
+    admin_a.run("create", "secret", "generic", "api-keys", "-n", tenant_a, "--from-literal=k=v")
+    admin_a.run("delete", "md", "own", "-n", tenant_a)
+    # Nothing of tenant B's.
+    cluster.apply(_eu_sample(tenant_b, "theirs"))
+    # get one, list (get without a name) deployments; list pods and Secrets.
+    for args in (("get", "md", "theirs"), ("get", "md"), ("get", "pods"), ("get", "secrets")):
+        with pytest.raises(KubectlError) as denied:
+            admin_a.run(*args, "-n", tenant_b)
+        assert "Forbidden" in denied.value.stderr
+    with pytest.raises(KubectlError):
+        admin_a.run("delete", "md", "theirs", "-n", tenant_b)
+    with pytest.raises(KubectlError):
+        admin_a.run("scale", "md/theirs", "-n", tenant_b, "--replicas=2")
+    # Cannot loosen their own namespace (labels carry the residency policy).
+    with pytest.raises(KubectlError):
+        admin_a.run("label", "namespace", tenant_a, "tramontane.dev/residency-policy=unrestricted",
+                    "--overwrite")  # fmt: skip
+    # Members read, and only read.
+    member = cluster.as_user(f"reader@{tenant_b}.example")
+    assert member.json("get", "md", "-n", tenant_b)["items"]
+    with pytest.raises(KubectlError):
+        member.run("delete", "md", "theirs", "-n", tenant_b)
+    with pytest.raises(KubectlError):
+        member.run("get", "secrets", "-n", tenant_b)
+
+
+def _placements(cluster: Kubectl, namespace: str) -> dict[str, str]:
+    nodes = {
+        n["metadata"]["name"]: n["metadata"]["labels"]["topology.kubernetes.io/region"]
+        for n in cluster.json("get", "nodes")["items"]
+    }
+    pods = cluster.json("get", "pods", "-n", namespace)["items"]
+    return {
+        p["metadata"]["name"]: nodes[p["spec"]["nodeName"]]
+        for p in pods
+        if p["spec"].get("nodeName")
+    }
+
+
+def test_eu_tenant_pods_never_leave_the_eu(cluster: Kubectl, make_tenant: Any) -> None:
+    eu, anywhere = make_tenant("eu", gpus=64), make_tenant("unrestricted", gpus=64)
+    names = [f"eu-{i:02d}" for i in range(20)]
+    cluster.apply(*(_eu_sample(eu, n) for n in names))
+    cluster.apply(*(_eu_sample(anywhere, f"any-{i}") for i in range(4)))
+    for name in names:
+        md = wait_ready(cluster, eu, name, timeout=180)
+        compliant = condition(md, "ResidencyCompliant")
+        assert compliant["status"] == "True", compliant
+        assert "eu-west-3" in compliant["message"]
+    # Scale-up as the Ray autoscaler does it (it cannot run here: no container runs in the
+    # pods): raise the worker replicas of the RayClusters; KubeRay adds pods from the template.
+    for name in names[:5]:
+        (raycluster,) = cluster.json(
+            "get", "raycluster", "-n", eu, "-l", f"tramontane.dev/model-deployment={name}"
+        )["items"]
+        cluster.run("patch", "raycluster", raycluster["metadata"]["name"], "-n", eu,
+                    "--type=json", "-p",
+                    json.dumps([{"op": "replace", "path": "/spec/workerGroupSpecs/0/replicas",
+                                 "value": 3}]))  # fmt: skip
+
+    def workers() -> int:
+        return len(cluster.json("get", "pods", "-n", eu, "-l", "ray.io/node-type=worker")["items"])
+
+    eventually(lambda: workers() >= 30, 120, "scaled-up EU workers")
+    placements = _placements(cluster, eu)
+    assert len(placements) >= 40
+    outside = {pod: region for pod, region in placements.items() if region not in EU_REGIONS}
+    assert not outside, f"EU pods scheduled outside the EU: {outside}"
+    rayservice = cluster.json("get", "rayservice", names[0], "-n", eu)
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    term = head["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    (expression,) = term["nodeSelectorTerms"][0]["matchExpressions"]
+    assert set(expression["values"]) == EU_REGIONS
+
+
+def test_model_source_outside_the_policy_is_not_deployed(
+    cluster: Kubectl, make_tenant: Any
+) -> None:
+    eu = make_tenant("eu")
+    md = _eu_sample(eu, "us-bucket")
+    md["spec"]["model"]["uri"] = "s3://acme-us-models/llama"
+    cluster.apply(md)
+
+    def refused() -> dict[str, Any] | None:
+        obj = get(cluster, "md", eu, "us-bucket")
+        return (
+            obj if obj and condition(obj, "ResidencyCompliant").get("status") == "False" else None
+        )
+
+    obj = eventually(refused, 30, "ResidencyCompliant=False")
+    cond = condition(obj, "ResidencyCompliant")
+    assert cond["reason"] == "ModelSourceNotAllowed"
+    assert "s3://acme-us-models/llama" in cond["message"] and "pvc://**" in cond["message"]
+    assert condition(obj, "Ready")["status"] == "False"
+    assert get(cluster, "rayservice", eu, "us-bucket") is None
+
+
+def test_changing_the_policy_moves_deployments(cluster: Kubectl, make_tenant: Any) -> None:
+    tenant = make_tenant("eu")
+    cluster.apply(_eu_sample(tenant, "moves"))
+    wait_ready(cluster, tenant, "moves")
+    cluster.run("patch", "tenant", tenant, "--type=merge", "-p",
+                json.dumps({"spec": {"residencyPolicy": "france"}}))  # fmt: skip
+
+    def in_france() -> bool:
+        rs = get(cluster, "rayservice", tenant, "moves") or {}
+        groups = rs.get("spec", {}).get("rayClusterConfig", {}).get("workerGroupSpecs", [{}])
+        term = groups[0]["template"]["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"][0]
+        regions = [
+            e for e in term["matchExpressions"] if e["key"] == "topology.kubernetes.io/region"
+        ]
+        return regions == [
+            {"key": "topology.kubernetes.io/region", "operator": "In", "values": ["eu-west-3"]}
+        ]
+
+    eventually(in_france, 30, "the RayService to be pinned to eu-west-3")
+    labels = cluster.json("get", "namespace", tenant)["metadata"]["labels"]
+    assert labels["tramontane.dev/jurisdiction"] == "FR"
+
+
+@pytest.mark.usefixtures("presets", "operator")
+def test_tenant_cannot_take_over_an_existing_namespace(cluster: Kubectl) -> None:
+    name = f"tn-{uuid.uuid4().hex[:6]}"
+    manifest = tenant_manifest(name, "eu")
+    manifest["spec"]["namespace"] = "default"
+    cluster.apply(manifest)
+    try:
+        obj = eventually(
+            lambda: (t := get(cluster, "tenant", "", name)) and condition(t, "Ready") and t,
+            30,
+            "Tenant status",
+        )
+        assert condition(obj, "Ready")["reason"] == "NamespaceTaken"
+        labels = cluster.json("get", "namespace", "default")["metadata"].get("labels", {})
+        assert "tramontane.dev/tenant" not in labels
+        assert not cluster.json("get", "networkpolicy", "-n", "default")["items"]
+    finally:
+        cluster.run("delete", "tenant", name)
+
+
+BAD_TENANCY = [
+    ("rp: * with other regions", "ResidencyPolicy", {"regions": ["*", "eu-west-3"]}, "regions"),
+    ("rp: bad region", "ResidencyPolicy", {"regions": ["EU West"]}, "spec.regions[0]"),
+    ("rp: no regions", "ResidencyPolicy", {"regions": []}, "spec.regions"),
+    ("rp: bad cidr", "ResidencyPolicy", {"egressCIDRs": ["10.0.0.0/33"]}, "spec.egressCIDRs[0]"),
+    ("rp: bad source", "ResidencyPolicy", {"modelSources": ["ftp://x/**"]}, "spec.modelSources[0]"),
+    ("rp: no sources", "ResidencyPolicy", {"modelSources": []}, "spec.modelSources"),
+    ("rp: bad jurisdiction", "ResidencyPolicy", {"jurisdiction": "E U"}, "spec.jurisdiction"),
+    ("rp: http telemetry", "ResidencyPolicy", {"telemetryEndpoints": ["http://otel:4318"]},
+     "spec.telemetryEndpoints[0]"),
+    ("tenant: no admins", "Tenant", {"admins": {}}, "spec.admins"),
+    ("tenant: negative gpus", "Tenant", {"quota": {"gpus": -1}}, "spec.quota.gpus"),
+    ("tenant: bad namespace", "Tenant", {"namespace": "Team_A"}, "spec.namespace"),
+    ("tenant: no policy", "Tenant", {"residencyPolicy": None}, "spec.residencyPolicy"),
+    ("tenant: bad ingress cidr", "Tenant", {"network": {"ingressCIDRs": ["nope"]}},
+     "spec.network.ingressCIDRs[0]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "kind", "change", "field"), BAD_TENANCY, ids=[c[0] for c in BAD_TENANCY]
+)
+def test_bad_tenancy_objects_are_rejected(
+    presets: Kubectl, case: str, kind: str, change: dict[str, Any], field: str
+) -> None:
+    name = f"bad-{uuid.uuid4().hex[:6]}"
+    if kind == "Tenant":
+        manifest = tenant_manifest(name, "eu")
+    else:
+        manifest = yaml.safe_load((REPO / "policies/presets/eu.yaml").read_text())
+        manifest["metadata"]["name"] = name
+    for key, value in change.items():
+        if value is None:
+            manifest["spec"].pop(key)
+        else:
+            manifest["spec"][key] = value
+    result = presets.create(manifest, check=False)
+    assert result.returncode != 0, f"{case} was accepted"
+    assert field in result.stderr, result.stderr
+    plural = "tenant" if kind == "Tenant" else "residencypolicy"
+    assert get(presets, plural, "", name) is None
+
+
+def test_tenant_namespace_is_immutable(cluster: Kubectl, make_tenant: Any) -> None:
+    name = make_tenant("eu")
+    with pytest.raises(KubectlError) as rejected:
+        cluster.run("patch", "tenant", name, "--type=merge", "-p",
+                    json.dumps({"spec": {"namespace": "elsewhere"}}))  # fmt: skip
+    assert "namespace is immutable" in rejected.value.stderr

@@ -1,0 +1,119 @@
+"""Pure residency and tenant rendering rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tramontane.api.tenancy import ResidencyPolicy, Tenant
+from tramontane.api.v1alpha1 import ModelDeployment
+from tramontane.policy.residency import (
+    disallowed_sources,
+    gpus_at_max_scale,
+    quota_violation,
+    region_requirements,
+    source_allowed,
+)
+from tramontane.render.rayservice import RenderOptions, render_rayservice
+from tramontane.render.tenant import TenantOptions, render_tenant
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def preset(name: str) -> ResidencyPolicy:
+    return ResidencyPolicy.from_body(
+        yaml.safe_load((REPO / f"policies/presets/{name}.yaml").read_text())
+    )
+
+
+def md(name: str = "m", **spec: Any) -> ModelDeployment:
+    body = yaml.safe_load((REPO / "config/samples/modeldeployment.yaml").read_text())
+    body["metadata"] |= {"name": name, "uid": "u1", "generation": 1}
+    body["spec"].update(spec)
+    return ModelDeployment.from_body(body)
+
+
+def tenant(gpus: int = 8, deployments: int = 3) -> Tenant:
+    return Tenant.from_body({
+        "metadata": {"name": "acme", "uid": "t1"},
+        "spec": {"namespace": "acme", "residencyPolicy": "eu",
+                 "quota": {"gpus": gpus, "modelDeployments": deployments},
+                 "admins": {"groups": ["acme-admins"]}},
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("uri", "patterns", "allowed"),
+    [
+        ("s3://acme-eu-models/llama/v1", ["s3://acme-eu-*/**"], True),
+        ("s3://acme-us-models/llama", ["s3://acme-eu-*/**"], False),
+        ("s3://acme-eu-x/a", ["s3://acme-eu-*"], False),  # * stays within one segment
+        ("pvc://models/llama", ["pvc://**"], True),
+        ("pvc://models/llama", ["pvc://*"], False),
+        ("hf://meta-llama/Llama-3.1-8B", ["**"], True),
+        ("s3://acme-eu-models.evil.com/x", ["s3://acme-eu-models/**"], False),
+    ],
+)
+def test_source_globs(uri: str, patterns: list[str], allowed: bool) -> None:
+    assert source_allowed(uri, patterns) is allowed
+
+
+def test_disallowed_sources_lists_model_and_adapters() -> None:
+    deployment = md()  # s3://acme-eu-models/... with two s3 adapters
+    assert len(disallowed_sources(deployment, preset("eu").spec)) == 3
+    assert disallowed_sources(deployment, preset("unrestricted").spec) == []
+
+
+def test_region_requirements_pin_head_and_workers() -> None:
+    requirements = region_requirements(preset("france").spec)
+    assert requirements == [
+        {"key": "topology.kubernetes.io/region", "operator": "In", "values": ["eu-west-3"]}
+    ]
+    assert region_requirements(preset("unrestricted").spec) == []
+    config = render_rayservice(md(), RenderOptions(), placement=requirements)["spec"][
+        "rayClusterConfig"
+    ]
+    for group in (config["headGroupSpec"], *config["workerGroupSpecs"]):
+        affinity = group["template"]["spec"]["affinity"]["nodeAffinity"]
+        (term,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert requirements[0] in term["matchExpressions"]
+    worker_term = config["workerGroupSpecs"][0]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"][0]
+    assert {e["key"] for e in worker_term["matchExpressions"]} == {
+        "nvidia.com/gpu.product",
+        "topology.kubernetes.io/region",
+    }
+
+
+def test_quota_counts_gpus_at_the_autoscaling_maximum() -> None:
+    big = md("big", accelerator={"type": "H100", "count": 2}, scaling={"maxReplicas": 3})
+    assert gpus_at_max_scale(big) == 6
+    small = md("small", scaling={"maxReplicas": 2})
+    assert quota_violation(tenant(gpus=8), [big], small) is None
+    message = quota_violation(tenant(gpus=8), [big], md("more", scaling={"maxReplicas": 3}))
+    assert message is not None
+    assert "quota.gpus is 8" in message and "6 in use" in message and "needs 3" in message
+    count = quota_violation(tenant(gpus=100, deployments=1), [small], big)
+    assert count is not None and "quota.modelDeployments is 1" in count
+
+
+def test_tenant_objects_are_owned_labelled_and_restricted() -> None:
+    objects = render_tenant(tenant(), preset("eu"), TenantOptions())
+    kinds = [o["kind"] for o in objects]
+    assert kinds[0] == "Namespace"
+    assert {"ResourceQuota", "LimitRange", "NetworkPolicy", "Role", "RoleBinding"} <= set(kinds)
+    for obj in objects:
+        assert obj["metadata"]["ownerReferences"][0]["kind"] == "Tenant"
+        assert obj["metadata"]["labels"]["tramontane.dev/tenant"] == "acme"
+    namespace = objects[0]["metadata"]["labels"]
+    assert namespace["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert namespace["tramontane.dev/jurisdiction"] == "EU"
+    admin = next(
+        o for o in objects if o["kind"] == "Role" and o["metadata"]["name"].endswith("admin")
+    )
+    for rule in admin["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]

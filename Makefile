@@ -34,8 +34,9 @@ cluster-status: venv ## Show each component of the local cluster and whether it 
 demo: cluster ## The main job: CRDs, operator and a sample ModelDeployment on the local cluster
 	@e2e/demo.sh
 
-crds: venv ## Regenerate crds/ from the API models (a test fails when they are stale)
+crds: venv ## Regenerate crds/ and policies/admission/ from the code (a test fails when stale)
 	@$(PY) -m tramontane.cli crds --output crds
+	@$(PY) -m tramontane.cli admission-policies --output policies/admission
 
 bench-operator: cluster ## Benchmark: N=100 and N=1000 ModelDeployments to Reconciled, operator RSS
 	@$(PY) e2e/bench_operator.py --sizes $${BENCH_SIZES:-100,1000}

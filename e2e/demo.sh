@@ -12,7 +12,7 @@ metrics_port="${TRAMONTANE_OPERATOR_METRICS_PORT:-18080}"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "Installing the Tramontane CRDs"
-kubectl apply --server-side --force-conflicts -f crds/
+kubectl apply --server-side --force-conflicts -f crds/ -f policies/admission/
 kubectl wait --for=condition=Established --timeout=60s crd/modeldeployments.tramontane.dev
 
 say "Running the operator (metrics and probes on 127.0.0.1:$metrics_port)"

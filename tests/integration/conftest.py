@@ -27,8 +27,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def crds(cluster: Kubectl, repo_root: Path) -> Kubectl:
-    """Our CRDs, as generated in crds/, installed and established."""
+    """Our CRDs (crds/) installed and established, and the residency admission policies."""
     cluster.run("apply", "--server-side", "--force-conflicts", "-f", str(repo_root / "crds"))
+    cluster.run(
+        "apply", "--server-side", "--force-conflicts", "-f", str(repo_root / "policies/admission")
+    )
     cluster.run(
         "wait",
         "--for=condition=Established",

@@ -301,3 +301,84 @@ def test_tenant_namespace_is_immutable(cluster: Kubectl, make_tenant: Any) -> No
         cluster.run("patch", "tenant", name, "--type=merge", "-p",
                     json.dumps({"spec": {"namespace": "elsewhere"}}))  # fmt: skip
     assert "namespace is immutable" in rejected.value.stderr
+
+
+def _pod(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "c", "image": "rayproject/ray:2.60.0", "securityContext": {
+                "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}],
+            **spec,
+        },
+    }  # fmt: skip
+
+
+def _region_affinity(*regions: str) -> dict[str, Any]:
+    expression = {"key": "topology.kubernetes.io/region", "operator": "In", "values": list(regions)}
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [expression]}]}}}  # fmt: skip
+
+
+def test_admission_policy_rejects_workloads_that_could_leave_the_regions(
+    cluster: Kubectl, make_tenant: Any
+) -> None:
+    eu, anywhere = make_tenant("eu"), make_tenant("unrestricted")
+    # Tenant admins cannot create pods at all (RBAC) ...
+    with pytest.raises(KubectlError) as denied:
+        cluster.as_user("alice", f"{eu}-admins").run(
+            "create", "-n", eu, "-f", "-", stdin=json.dumps(_pod("by-admin"))
+        )
+    assert "cannot create resource" in denied.value.stderr
+    # ... and the admission policy holds for everyone, cluster admins included.
+    rejected = {
+        "no-affinity": _pod("no-affinity"),
+        "us-region": _pod("us-region", affinity=_region_affinity("us-east-1")),
+        "mixed": _pod("mixed", affinity=_region_affinity("eu-west-3", "us-east-1")),
+        "node-name": _pod("node-name", nodeName="h100-us-east-1a-1",
+                          affinity=_region_affinity("eu-west-3")),
+        "us-selector": _pod("us-selector",
+                            nodeSelector={"topology.kubernetes.io/region": "us-east-1"}),
+    }  # fmt: skip
+    for name, pod in rejected.items():
+        result = cluster.create({**pod, "metadata": {"name": name, "namespace": eu}}, check=False)
+        assert result.returncode != 0, f"{name} was admitted"
+        assert "ValidatingAdmissionPolicy 'tramontane-residency-pod'" in result.stderr
+        assert "ResidencyPolicy eu" in result.stderr or "nodeName" in result.stderr
+    allowed = _pod("pinned", affinity=_region_affinity("eu-west-3", "eu-central-1"))
+    cluster.create({**allowed, "metadata": {"name": "pinned", "namespace": eu}})
+    selector = _pod("selector", nodeSelector={"topology.kubernetes.io/region": "eu-west-3"})
+    cluster.create({**selector, "metadata": {"name": "selector", "namespace": eu}})
+    cluster.create({**_pod("free"), "metadata": {"name": "free", "namespace": anywhere}})
+
+    # RayClusters and RayServices: a worker group without the affinity is enough to refuse.
+    pinned = _region_affinity("eu-west-3")
+    raycluster: dict[str, Any] = {
+        "apiVersion": "ray.io/v1", "kind": "RayCluster",
+        "metadata": {"name": "direct", "namespace": eu},
+        "spec": {
+            "headGroupSpec": {"rayStartParams": {},
+                              "template": {"spec": {**_pod("h")["spec"], "affinity": pinned}}},
+            "workerGroupSpecs": [{"groupName": "w", "replicas": 1, "minReplicas": 0,
+                                  "maxReplicas": 2, "rayStartParams": {},
+                                  "template": {"spec": _pod("w")["spec"]}}],
+        },
+    }  # fmt: skip
+    result = cluster.create(raycluster, check=False)
+    assert result.returncode != 0
+    assert "tramontane-residency-raycluster" in result.stderr
+    rayservice = {
+        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "metadata": {"name": "direct", "namespace": eu},
+        "spec": {"rayClusterConfig": raycluster["spec"]},
+    }  # fmt: skip
+    result = cluster.create(rayservice, check=False)
+    assert result.returncode != 0
+    assert "tramontane-residency-rayservice" in result.stderr
+    raycluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["affinity"] = pinned
+    cluster.create(raycluster)
+    assert not cluster.json("get", "rayservice", "-n", eu)["items"]

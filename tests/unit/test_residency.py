@@ -117,3 +117,12 @@ def test_tenant_objects_are_owned_labelled_and_restricted() -> None:
     )
     for rule in admin["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+
+
+def test_committed_admission_policies_are_generated(tmp_path: Path) -> None:
+    from tramontane.cli import main  # noqa: PLC0415
+
+    main(["admission-policies", "--output", str(tmp_path)])
+    name = "residency-admission-policies.yaml"
+    committed = (REPO / "policies/admission" / name).read_text()
+    assert (tmp_path / name).read_text() == committed, "policies/admission is stale: make crds"

@@ -16,9 +16,11 @@ from typing import Any
 
 import kopf
 
+from tramontane.api.tenancy import ResidencyPolicy
 from tramontane.controller import children, reconcile, tenants
 from tramontane.controller.kube import MODELDEPLOYMENT, TENANT, Kube
-from tramontane.render.rayservice import DEPLOYMENT_LABEL, RenderOptions
+from tramontane.render.admission import render_bindings
+from tramontane.render.rayservice import DEPLOYMENT_LABEL, FIELD_MANAGER, RenderOptions
 from tramontane.render.tenant import TenantOptions
 
 log = logging.getLogger(__name__)
@@ -215,8 +217,13 @@ def tenant_event(event: kopf.RawEvent, name: str, **_: Any) -> None:
 
 
 @kopf.on.event("tramontane.dev", "v1alpha1", "residencypolicies")
-def residency_policy_event(name: str, **_: Any) -> None:
-    """A changed (or new, or deleted) policy re-reconciles every tenant that references it."""
-    for item in runtime.client().list_all(TENANT):
+def residency_policy_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) -> None:
+    """Bind the admission policies to the policy's namespaces; then a changed (or new, or
+    deleted) policy re-reconciles every tenant that references it."""
+    kube = runtime.client()
+    if event.get("type") != "DELETED":
+        for binding in render_bindings(ResidencyPolicy.from_body(dict(body))):
+            kube.apply(binding, FIELD_MANAGER)
+    for item in kube.list_all(TENANT):
         if item.get("spec", {}).get("residencyPolicy") == name:
             reconcile_tenant_by_name(item["metadata"]["name"], with_deployments=True)

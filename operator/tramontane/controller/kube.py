@@ -62,6 +62,9 @@ KINDS = {
         "rbac.authorization.k8s.io", "v1", "rolebindings"
     ),
     ("tramontane.dev/v1alpha1", "Tenant"): TENANT,
+    ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"): Kind(
+        "admissionregistration.k8s.io", "v1", "validatingadmissionpolicybindings", namespaced=False
+    ),
     ("ray.io/v1", "RayService"): RAYSERVICE,
     ("ray.io/v1", "RayCluster"): RAYCLUSTER,
     ("monitoring.coreos.com/v1", "PodMonitor"): PODMONITOR,

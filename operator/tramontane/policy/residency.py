@@ -6,11 +6,9 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
+from tramontane.api.base import REGION_LABEL, ZONE_LABEL
 from tramontane.api.tenancy import ResidencyPolicySpec, Tenant
 from tramontane.api.v1alpha1 import ModelDeployment
-
-REGION_LABEL = "topology.kubernetes.io/region"
-ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
 @lru_cache(maxsize=1024)

@@ -32,8 +32,13 @@ else
   echo "started (pid $(cat "$run/operator.pid"))"
 fi
 
+say "Creating the team-finance Tenant under the acme-eu ResidencyPolicy (config/samples/tenant.yaml)"
+kubectl apply -f policies/presets/ -f config/samples/tenant.yaml
+kubectl wait tenant/team-finance --for=condition=Ready --timeout=60s
+kubectl get tenant team-finance
+kubectl get -n team-finance resourcequota,networkpolicy,rolebinding
+
 say "Deploying config/samples/modeldeployment.yaml"
-kubectl get namespace team-finance >/dev/null 2>&1 || kubectl create namespace team-finance
 kubectl apply -f config/samples/modeldeployment.yaml
 kubectl wait -n team-finance md/llama-3-8b --for=condition=Ready --timeout=120s
 
@@ -53,5 +58,10 @@ kubectl get nodes -L topology.kubernetes.io/region,nvidia.com/gpu.product
 
 say "Operator metrics"
 curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -E '^tramontane_(reconcile_total|managed_objects\{condition="Ready")' || true
+
+say "The residency promise holds without the operator: a pod with no region pinning is refused"
+kubectl run -n team-finance sneaky --image=rayproject/ray:2.60.0 --restart=Never \
+  --overrides='{"spec":{"securityContext":{"runAsNonRoot":true,"runAsUser":1000,"seccompProfile":{"type":"RuntimeDefault"}},"containers":[{"name":"sneaky","image":"rayproject/ray:2.60.0","securityContext":{"allowPrivilegeEscalation":false,"capabilities":{"drop":["ALL"]}}}]}}' \
+  2>&1 | sed 's/^/  /' || true
 echo
 echo "Try: export KUBECONFIG=$KUBECONFIG; kubectl scale -n team-finance md/llama-3-8b --replicas=3"

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -84,7 +84,28 @@ def _reconcile_stats(port: int) -> dict[str, float]:
 
 def run_once(n: int, api: client.CustomObjectsApi, core: client.CoreV1Api) -> dict[str, Any]:
     namespace = f"bench-{n}-{int(time.time())}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    # ModelDeployments live in tenant namespaces: one unrestricted tenant, quota to spare.
+    tenant = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Tenant",
+        "metadata": {"name": namespace},
+        "spec": {
+            "namespace": namespace,
+            "residencyPolicy": "unrestricted",
+            "quota": {"gpus": 4 * n, "modelDeployments": n},
+            "admins": {"groups": ["bench"]},
+        },
+    }
+    api.create_cluster_custom_object(GROUP, VERSION, "tenants", tenant)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        obj = cast(
+            dict[str, Any], api.get_cluster_custom_object(GROUP, VERSION, "tenants", namespace)
+        )
+        conditions = obj.get("status", {}).get("conditions", [])
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+            break
+        time.sleep(0.5)
     template = yaml.safe_load((REPO / "config/samples/modeldeployment.yaml").read_text())
     created: dict[str, float] = {}
     reconciled: dict[str, float] = {}
@@ -148,7 +169,8 @@ def main() -> int:
         demo_operator.unlink()
     subprocess.run(
         ["kubectl", f"--kubeconfig={localcluster.kubeconfig_path()}", "apply", "--server-side",
-         "--force-conflicts", "-f", str(REPO / "crds")],
+         "--force-conflicts", "-f", str(REPO / "crds"), "-f", str(REPO / "policies/admission"),
+         "-f", str(REPO / "policies/presets/unrestricted.yaml")],
         check=True, capture_output=True,
     )  # fmt: skip
     api_client = config.new_client_from_config(str(localcluster.kubeconfig_path()))
@@ -181,6 +203,9 @@ def main() -> int:
         )
         if not args.keep:
             # Wait for garbage collection, so that the next size starts on a quiet cluster.
+            api.delete_collection_namespaced_custom_object(
+                GROUP, VERSION, result["namespace"], PLURAL
+            )
             core.delete_namespace(result["namespace"], propagation_policy="Background")
             deadline = time.monotonic() + 900
             while time.monotonic() < deadline:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class OperatorProcess:
         self.otlp_endpoint = otlp_endpoint
         self.log_path = log_path
         self.port = _free_port()
+        self.webhook_port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,6 +63,7 @@ class OperatorProcess:
             "KUBECONFIG": str(self.kubeconfig),
             "TRAMONTANE_METRICS_PORT": str(self.port),
             "TRAMONTANE_METRICS_HOST": "127.0.0.1",
+            "TRAMONTANE_WEBHOOK_PORT": str(self.webhook_port),
             "PYTHONPATH": str(HERE.parent.parent / "operator"),
             "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "200",
@@ -121,3 +124,27 @@ def operator(crds: Kubectl, otlp: OtlpReceiver) -> Iterator[OperatorProcess]:
     process.start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def tenant_namespace(operator: OperatorProcess, crds: Kubectl) -> Iterator[str]:
+    """A fresh namespace of an unrestricted Tenant (ModelDeployments live only in tenants')."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    crds.run("apply", "-f", str(HERE.parent.parent / "policies/presets/unrestricted.yaml"))
+    tenant = {
+        "apiVersion": "tramontane.dev/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": name},
+        "spec": {
+            "namespace": name,
+            "residencyPolicy": "unrestricted",
+            "quota": {"gpus": 512, "modelDeployments": 100},
+            "admins": {"groups": [f"{name}-admins"]},
+        },
+    }
+    crds.apply(tenant)
+    crds.run("wait", f"tenant/{name}", "--for=condition=Ready", "--timeout=60s")
+    yield name
+    # Deployments first: the webhook refuses to delete a Tenant that still has some.
+    crds.run("delete", "md", "--all", "-n", name, "--wait=true", check=False)
+    crds.run("delete", "tenant", name, "--wait=false", check=False)

@@ -36,6 +36,12 @@ def crds_installed(cluster: Kubectl, repo_root: Path) -> Kubectl:
     return cluster
 
 
+@pytest.fixture
+def namespace(tenant_namespace: str) -> str:
+    """Valid ModelDeployments must pass the webhook too, which wants a tenant's namespace."""
+    return tenant_namespace
+
+
 @pytest.fixture(scope="session")
 def sample(repo_root: Path) -> Manifest:
     manifest: Manifest = yaml.safe_load(

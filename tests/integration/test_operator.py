@@ -61,9 +61,16 @@ def serve_args(rayservice: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
+def namespace(tenant_namespace: str) -> str:
+    """ModelDeployments only live in tenant namespaces (the webhook refuses others)."""
+    return tenant_namespace
+
+
+@pytest.fixture
 def restricted_namespace(cluster: Kubectl, namespace: str) -> str:
-    """A tenant-like namespace where Pod Security admission enforces `restricted`."""
-    cluster.run("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    """Tenant namespaces enforce the `restricted` Pod Security Standard."""
+    labels = cluster.json("get", "namespace", namespace)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     return namespace
 
 
@@ -111,7 +118,17 @@ def test_sample_becomes_a_ready_rayservice_on_h100_nodes(
 def test_ready_only_once_workers_are_ready(
     cluster: Kubectl, operator: OperatorProcess, namespace: str, tmp_path: Path
 ) -> None:
-    # No A100 node exists yet: the worker stays Pending and the deployment must not be Ready.
+    # The only A100 node is cordoned: the worker stays Pending, the deployment must not be Ready.
+    node_name = f"a100-{namespace}"
+    nodes = {
+        "pools": {"a100": {"instanceType": "p4de.24xlarge", "cpu": "96", "memory": "1152Gi",
+                           "pods": "110", "gpus": 8, "gpuProduct": "NVIDIA-A100-SXM4-80GB",
+                           "gpuMemoryMiB": 81920}},
+        "nodes": [{"name": node_name, "pool": "a100", "region": "eu-west-3", "zone": "eu-west-3c"}],
+    }  # fmt: skip
+    (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(nodes))
+    localcluster.apply_nodes(tmp_path / "nodes.yaml")
+    cluster.run("cordon", node_name)
     cluster.apply(sample(namespace, "on-a100", accelerator={"type": "A100", "count": 1}))
 
     def waiting() -> dict[str, Any] | None:
@@ -122,15 +139,7 @@ def test_ready_only_once_workers_are_ready(
     assert condition(md, "Ready")["status"] == "False"
     assert md["status"]["readyReplicas"] == 0
 
-    node_name = f"a100-{namespace}"
-    nodes = {
-        "pools": {"a100": {"instanceType": "p4de.24xlarge", "cpu": "96", "memory": "1152Gi",
-                           "pods": "110", "gpus": 8, "gpuProduct": "NVIDIA-A100-SXM4-80GB",
-                           "gpuMemoryMiB": 81920}},
-        "nodes": [{"name": node_name, "pool": "a100", "region": "eu-west-3", "zone": "eu-west-3c"}],
-    }  # fmt: skip
-    (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(nodes))
-    localcluster.apply_nodes(tmp_path / "nodes.yaml")
+    cluster.run("uncordon", node_name)
     try:
         md = wait_ready(cluster, namespace, "on-a100", timeout=120)
         assert md["status"]["readyReplicas"] == 1

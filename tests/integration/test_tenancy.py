@@ -61,7 +61,8 @@ def make_tenant(presets: Kubectl, operator: OperatorProcess) -> Iterator[Any]:
 
     yield make
     for name in created:
-        presets.run("delete", "tenant", name, "--wait=false")
+        presets.run("delete", "md", "--all", "-n", name, "--wait=true", check=False)
+        presets.run("delete", "tenant", name, "--wait=false", check=False)
 
 
 def _eu_sample(namespace: str, name: str) -> dict[str, Any]:
@@ -185,26 +186,109 @@ def test_eu_tenant_pods_never_leave_the_eu(cluster: Kubectl, make_tenant: Any) -
     assert set(expression["values"]) == EU_REGIONS
 
 
-def test_model_source_outside_the_policy_is_not_deployed(
+def test_model_source_outside_the_policy_is_rejected_at_admission(
     cluster: Kubectl, make_tenant: Any
 ) -> None:
     eu = make_tenant("eu")
     md = _eu_sample(eu, "us-bucket")
     md["spec"]["model"]["uri"] = "s3://acme-us-models/llama"
+    result = cluster.create(md, check=False)
+    assert result.returncode != 0
+    assert "s3://acme-us-models/llama not allowed by ResidencyPolicy eu" in result.stderr
+    assert "modelSources: pvc://**" in result.stderr
+    assert get(cluster, "md", eu, "us-bucket") is None
+
+
+def test_deployment_made_non_compliant_by_a_policy_change_is_withdrawn(
+    cluster: Kubectl, make_tenant: Any
+) -> None:
+    tenant = make_tenant("unrestricted")
+    md = _eu_sample(tenant, "from-s3")
+    md["spec"]["model"]["uri"] = "s3://acme-us-models/llama"
     cluster.apply(md)
+    wait_ready(cluster, tenant, "from-s3")
+    cluster.run("patch", "tenant", tenant, "--type=merge", "-p",
+                json.dumps({"spec": {"residencyPolicy": "eu"}}))  # fmt: skip
 
-    def refused() -> dict[str, Any] | None:
-        obj = get(cluster, "md", eu, "us-bucket")
-        return (
-            obj if obj and condition(obj, "ResidencyCompliant").get("status") == "False" else None
-        )
+    def withdrawn() -> dict[str, Any] | None:
+        obj = get(cluster, "md", tenant, "from-s3")
+        ok = obj and condition(obj, "ResidencyCompliant").get("status") == "False"
+        return obj if ok and get(cluster, "rayservice", tenant, "from-s3") is None else None
 
-    obj = eventually(refused, 30, "ResidencyCompliant=False")
+    obj = eventually(withdrawn, 30, "ResidencyCompliant=False and the RayService removed")
     cond = condition(obj, "ResidencyCompliant")
     assert cond["reason"] == "ModelSourceNotAllowed"
-    assert "s3://acme-us-models/llama" in cond["message"] and "pvc://**" in cond["message"]
+    assert "s3://acme-us-models/llama" in cond["message"]
     assert condition(obj, "Ready")["status"] == "False"
-    assert get(cluster, "rayservice", eu, "us-bucket") is None
+
+
+def test_over_quota_deployment_is_rejected_naming_quota_and_use(
+    cluster: Kubectl, make_tenant: Any
+) -> None:
+    tenant = make_tenant("eu", gpus=8)
+    first = _eu_sample(tenant, "first")
+    first["spec"]["accelerator"] = {"type": "H100", "count": 2}
+    first["spec"]["scaling"] = {"minReplicas": 1, "maxReplicas": 3}
+    cluster.apply(first)  # 6 GPUs at its maximum
+    second = _eu_sample(tenant, "second")  # 1 GPU x maxReplicas 3
+    result = cluster.create(second, check=False)
+    assert result.returncode != 0
+    assert "quota.gpus is 8" in result.stderr
+    assert "6 in use by 1 other deployment(s)" in result.stderr
+    assert "this one needs 3" in result.stderr
+    assert get(cluster, "md", tenant, "second") is None
+    second["spec"]["scaling"] = {"minReplicas": 1, "maxReplicas": 2}
+    cluster.create(second)  # exactly at quota
+    # Raising the maximum of an existing deployment is checked too.
+    with pytest.raises(KubectlError) as rejected:
+        cluster.run("patch", "md", "first", "-n", tenant, "--type=merge", "-p",
+                    json.dumps({"spec": {"scaling": {"maxReplicas": 4}}}))  # fmt: skip
+    assert "quota.gpus is 8" in rejected.value.stderr
+
+
+def test_modeldeployment_outside_a_tenant_namespace_is_rejected(
+    cluster: Kubectl, presets: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    result = cluster.create(_eu_sample(namespace, "orphan"), check=False)
+    assert result.returncode != 0
+    assert f"namespace {namespace} belongs to no Tenant" in result.stderr
+
+
+def test_accelerator_must_exist_in_an_allowed_region(cluster: Kubectl, make_tenant: Any) -> None:
+    tenant = make_tenant("germany")
+    md = _eu_sample(tenant, "l40s")
+    md["spec"]["accelerator"] = {"type": "L40S", "count": 1}
+    result = cluster.create(md, check=False)
+    assert result.returncode != 0
+    assert "no L40S nodes in the regions ResidencyPolicy germany allows (eu-central-1)" in (
+        result.stderr
+    )
+
+
+def test_tenant_with_deployments_cannot_be_deleted(cluster: Kubectl, make_tenant: Any) -> None:
+    tenant = make_tenant("eu")
+    cluster.apply(_eu_sample(tenant, "keeps-it"))
+    with pytest.raises(KubectlError) as refused:
+        cluster.run("delete", "tenant", tenant, "--wait=false")
+    assert "still has 1 ModelDeployment(s)" in refused.value.stderr
+    assert "keeps-it" in refused.value.stderr
+    assert get(cluster, "tenant", "", tenant) is not None
+
+
+def test_webhook_down_refuses_our_kinds_only(
+    cluster: Kubectl, make_tenant: Any, operator: OperatorProcess
+) -> None:
+    tenant = make_tenant("eu")
+    operator.kill()
+    try:
+        result = cluster.create(_eu_sample(tenant, "while-down"), check=False)
+        assert result.returncode != 0
+        assert "failed calling webhook" in result.stderr
+        # Everything else is untouched by our webhook.
+        cluster.run("create", "configmap", "unaffected", "-n", tenant, "--from-literal=a=b")
+    finally:
+        operator.start()
+    cluster.apply(_eu_sample(tenant, "after-restart"))
 
 
 def test_changing_the_policy_moves_deployments(cluster: Kubectl, make_tenant: Any) -> None:

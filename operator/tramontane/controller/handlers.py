@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 
 from tramontane.api.tenancy import ResidencyPolicy
-from tramontane.controller import children, reconcile, tenants
+from tramontane.controller import admission, children, reconcile, tenants
 from tramontane.controller.kube import MODELDEPLOYMENT, TENANT, Kube
 from tramontane.render.admission import render_bindings
 from tramontane.render.rayservice import DEPLOYMENT_LABEL, FIELD_MANAGER, RenderOptions
@@ -88,9 +88,11 @@ def modeldeployment_event(
     if namespace is None:
         return  # cannot happen for a namespaced kind; keeps the types honest
     if event.get("type") == "DELETED":
+        admission.index.forget(namespace, name)
         reconcile.forget(namespace, name)
         runtime.drop_lock(namespace, name)
         return
+    admission.index.observe(dict(body))
     if reconcile.is_echo(body):
         return  # the watch echoing the status we just wrote: nothing new to act on
     reconcile_by_name(namespace, name, dict(body))
@@ -189,6 +191,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = int(os.environ.get("TRAMONTANE_RECONCILE_WORKERS", "16"))
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    settings.admission.server = admission.webhook_server()
+    settings.admission.managed = os.environ.get("TRAMONTANE_WEBHOOK_CONFIG", "tramontane.dev")
     runtime.client()
 
 
@@ -227,3 +231,20 @@ def residency_policy_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_
     for item in kube.list_all(TENANT):
         if item.get("spec", {}).get("residencyPolicy") == name:
             reconcile_tenant_by_name(item["metadata"]["name"], with_deployments=True)
+
+
+@kopf.on.validate(
+    "tramontane.dev", "v1alpha1", "modeldeployments", operations=["CREATE", "UPDATE"],
+    id="modeldeployment",
+)  # fmt: skip
+def validate_modeldeployment(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    namespace = namespace or body.get("metadata", {}).get("namespace") or ""
+    admission.validate_modeldeployment(runtime.client(), dict(body), namespace)
+
+
+@kopf.on.validate(
+    "tramontane.dev", "v1alpha1", "tenants", operations=["DELETE"], id="tenant-delete"
+)
+def validate_tenant_deletion(body: kopf.Body, **kwargs: Any) -> None:
+    # On DELETE the reviewed object is the old one.
+    admission.validate_tenant_deletion(runtime.client(), dict(kwargs.get("old") or body))

@@ -1,0 +1,207 @@
+"""The operator's validating webhook: the admission rules that span several objects.
+
+CRD schemas and CEL check each object alone; this checks a ModelDeployment against its Tenant
+(quota at the autoscaling maximum, namespace ownership), its ResidencyPolicy (model sources,
+accelerator available in an allowed region) and the cluster's nodes, and refuses to delete a
+Tenant that still has deployments. kopf serves it over TLS and keeps the
+ValidatingWebhookConfiguration (failurePolicy Fail: if the operator is down, our kinds are refused
+and nothing else is affected).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import kopf
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tramontane.api.base import REGION_LABEL
+from tramontane.api.tenancy import ResidencyPolicy, Tenant
+from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
+from tramontane.controller.kube import (
+    MODELDEPLOYMENT,
+    NAMESPACE,
+    RESIDENCYPOLICY,
+    TENANT,
+    Kind,
+    Kube,
+)
+from tramontane.policy.residency import disallowed_sources, quota_violation
+from tramontane.render.rayservice import GPU_PRODUCT_LABEL, GPU_PRODUCTS
+from tramontane.render.tenant import TENANT_LABEL
+
+log = logging.getLogger(__name__)
+NODES = Kind("", "v1", "nodes", namespaced=False)
+
+
+def self_signed(host: str, directory: Path) -> tuple[Path, Path]:
+    """A self-signed serving certificate for `host` (dev and tests; charts mount a real one)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = directory / "tls.crt", directory / "tls.key"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    keyfile.chmod(0o600)
+    return certfile, keyfile
+
+
+def webhook_server() -> kopf.WebhookServer:
+    """TLS webhook server from TRAMONTANE_WEBHOOK_* (cert files mounted in production)."""
+    host = os.environ.get("TRAMONTANE_WEBHOOK_HOST", "127.0.0.1")
+    port = int(os.environ.get("TRAMONTANE_WEBHOOK_PORT", "9443"))
+    certfile = os.environ.get("TRAMONTANE_WEBHOOK_CERT")
+    keyfile = os.environ.get("TRAMONTANE_WEBHOOK_KEY")
+    if not (certfile and keyfile):
+        generated = self_signed(host, Path(tempfile.mkdtemp(prefix="tramontane-webhook-")))
+        certfile, keyfile = str(generated[0]), str(generated[1])
+    return kopf.WebhookServer(
+        addr=os.environ.get("TRAMONTANE_WEBHOOK_ADDR", host),
+        port=port,
+        host=host,
+        certfile=certfile,
+        pkeyfile=keyfile,
+        cafile=os.environ.get("TRAMONTANE_WEBHOOK_CA", certfile),
+    )
+
+
+class DeploymentIndex:
+    """The ModelDeployments of each namespace as the watch last saw them.
+
+    Admission sums a tenant's GPUs on every create; listing the namespace each time would cost
+    O(n) per request (O(n²) for a tenant with many deployments). The first request for a
+    namespace lists it, the watch keeps it current afterwards. Two creates racing within the
+    watch's latency can both pass; the namespace's ResourceQuota on requests.nvidia.com/gpu still
+    caps what actually runs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_namespace: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def observe(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        with self._lock:
+            if meta["namespace"] in self._by_namespace:
+                self._by_namespace[meta["namespace"]][meta["name"]] = body
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._by_namespace.get(namespace, {}).pop(name, None)
+
+    def deployments(self, kube: Kube, namespace: str) -> list[dict[str, Any]]:
+        with self._lock:
+            known = self._by_namespace.get(namespace)
+            if known is not None:
+                return list(known.values())
+        listed = kube.list_all(MODELDEPLOYMENT, namespace)
+        with self._lock:
+            self._by_namespace[namespace] = {item["metadata"]["name"]: item for item in listed}
+        return listed
+
+
+index = DeploymentIndex()
+
+
+def _tenant_of(kube: Kube, namespace: str) -> Tenant:
+    labels = ((kube.get(NAMESPACE, None, namespace) or {}).get("metadata", {})).get("labels") or {}
+    name = labels.get(TENANT_LABEL)
+    body = kube.get(TENANT, None, name) if name else None
+    if body is None:
+        raise kopf.AdmissionError(
+            f"namespace {namespace} belongs to no Tenant: ModelDeployments can only be created "
+            "in a tenant's namespace"
+        )
+    return Tenant.from_body(body)
+
+
+def _regions_with(kube: Kube, accelerator: AcceleratorType) -> set[str]:
+    nodes = kube.list_all(NODES)
+    if accelerator is AcceleratorType.CPU:
+        return {n["metadata"].get("labels", {}).get(REGION_LABEL, "") for n in nodes}
+    products = set(GPU_PRODUCTS[accelerator])
+    return {
+        n["metadata"].get("labels", {}).get(REGION_LABEL, "")
+        for n in nodes
+        if n["metadata"].get("labels", {}).get(GPU_PRODUCT_LABEL) in products
+    }
+
+
+def validate_modeldeployment(kube: Kube, body: dict[str, Any], namespace: str) -> None:
+    md = ModelDeployment.from_body(
+        {**body, "metadata": {**body["metadata"], "namespace": namespace}}
+    )
+    tenant = _tenant_of(kube, namespace)
+    policy_body = kube.get(RESIDENCYPOLICY, None, tenant.spec.residency_policy)
+    if policy_body is None:
+        raise kopf.AdmissionError(
+            f"ResidencyPolicy {tenant.spec.residency_policy} of tenant {tenant.name} does not exist"
+        )
+    policy = ResidencyPolicy.from_body(policy_body)
+    denied = disallowed_sources(md, policy.spec)
+    if denied:
+        raise kopf.AdmissionError(
+            f"spec.model.uri/spec.adapters: {', '.join(denied)} not allowed by ResidencyPolicy "
+            f"{policy.name} of tenant {tenant.name} (modelSources: "
+            f"{', '.join(policy.spec.model_sources)})"
+        )
+    regions = _regions_with(kube, md.spec.accelerator.type)
+    if policy.spec.regions != ["*"]:
+        regions &= set(policy.spec.regions)
+    if not regions:
+        raise kopf.AdmissionError(
+            f"spec.accelerator.type: no {md.spec.accelerator.type.value} nodes in the regions "
+            f"ResidencyPolicy {policy.name} allows ({', '.join(policy.spec.regions)})"
+        )
+    others = [
+        ModelDeployment.from_body(item)
+        for item in index.deployments(kube, namespace)
+        if item["metadata"]["name"] != md.name
+    ]
+    violation = quota_violation(tenant, others, md)
+    if violation:
+        raise kopf.AdmissionError(f"spec.scaling.maxReplicas: {violation}")
+
+
+def validate_tenant_deletion(kube: Kube, body: dict[str, Any]) -> None:
+    namespace = body.get("spec", {}).get("namespace", "")
+    remaining = kube.list_all(MODELDEPLOYMENT, namespace) if namespace else []
+    if remaining:
+        names = ", ".join(sorted(item["metadata"]["name"] for item in remaining)[:10])
+        raise kopf.AdmissionError(
+            f"tenant {body['metadata']['name']} still has {len(remaining)} ModelDeployment(s) "
+            f"in namespace {namespace} ({names}): delete them first; deleting the Tenant deletes "
+            "its namespace"
+        )

@@ -156,6 +156,20 @@ def run_once(n: int, api: client.CustomObjectsApi, core: client.CoreV1Api) -> di
     return result
 
 
+def _cleanup(api: client.CustomObjectsApi, core: client.CoreV1Api, tenant: str) -> None:
+    """Delete the deployments, then the Tenant (which owns the namespace), and wait for garbage
+    collection so that the next size starts on a quiet cluster. Runs while the operator is up:
+    its webhook reviews the Tenant's deletion."""
+    api.delete_collection_namespaced_custom_object(GROUP, VERSION, tenant, PLURAL)
+    api.delete_cluster_custom_object(GROUP, VERSION, "tenants", tenant)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        names = [n.metadata.name for n in core.list_namespace().items if n.metadata]
+        if tenant not in names:
+            return
+        time.sleep(2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="100,1000")
@@ -184,6 +198,8 @@ def main() -> int:
             result = run_once(n, api, core)
             result["operator_peak_rss_mib"] = _peak_rss_mib(operator.pid)
             result |= _reconcile_stats(18099)
+            if not args.keep:  # while the operator (and its webhook) still runs
+                _cleanup(api, core, result["namespace"])
         finally:
             operator.terminate()
             try:
@@ -201,18 +217,6 @@ def main() -> int:
             f"mean {result['mean_reconcile_seconds'] * 1000:.0f} ms)",
             flush=True,
         )
-        if not args.keep:
-            # Wait for garbage collection, so that the next size starts on a quiet cluster.
-            api.delete_collection_namespaced_custom_object(
-                GROUP, VERSION, result["namespace"], PLURAL
-            )
-            core.delete_namespace(result["namespace"], propagation_policy="Background")
-            deadline = time.monotonic() + 900
-            while time.monotonic() < deadline:
-                names = [n.metadata.name for n in core.list_namespace().items if n.metadata]
-                if result["namespace"] not in names:
-                    break
-                time.sleep(2)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -8,10 +8,12 @@ restarted operator converges everything from the initial listing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -212,12 +214,22 @@ def reconcile_tenant_by_name(name: str, with_deployments: bool = False) -> None:
             reconcile_by_name(namespace, item["metadata"]["name"])
 
 
+_tenant_generations: dict[str, int] = {}
+
+
 @kopf.on.event("tramontane.dev", "v1alpha1", "tenants")
-def tenant_event(event: kopf.RawEvent, name: str, **_: Any) -> None:
+def tenant_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) -> None:
     if event.get("type") == "DELETED":
         tenants.condition_counts.update(name, None)
+        _tenant_generations.pop(name, None)
         return
-    reconcile_tenant_by_name(name, with_deployments=True)
+    # Only a spec change (e.g. another residency policy) can change its deployments; status
+    # updates (quota use) must not re-reconcile every deployment of the tenant. On first sight
+    # (operator start) the deployments' own initial events reconcile them.
+    generation = int(body.get("metadata", {}).get("generation", 0))
+    previous = _tenant_generations.get(name)
+    _tenant_generations[name] = generation
+    reconcile_tenant_by_name(name, with_deployments=previous is not None and previous != generation)
 
 
 @kopf.on.event("tramontane.dev", "v1alpha1", "residencypolicies")
@@ -237,14 +249,29 @@ def residency_policy_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_
     "tramontane.dev", "v1alpha1", "modeldeployments", operations=["CREATE", "UPDATE"],
     id="modeldeployment",
 )  # fmt: skip
-def validate_modeldeployment(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def validate_modeldeployment(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    # Admission has its own threads: behind queued reconciles, API requests would time out.
     namespace = namespace or body.get("metadata", {}).get("namespace") or ""
-    admission.validate_modeldeployment(runtime.client(), dict(body), namespace)
+    await asyncio.get_running_loop().run_in_executor(
+        _admission_pool,
+        admission.validate_modeldeployment,
+        runtime.client(),
+        dict(body),
+        namespace,
+    )
 
 
 @kopf.on.validate(
     "tramontane.dev", "v1alpha1", "tenants", operations=["DELETE"], id="tenant-delete"
 )
-def validate_tenant_deletion(body: kopf.Body, **kwargs: Any) -> None:
+async def validate_tenant_deletion(body: kopf.Body, **kwargs: Any) -> None:
     # On DELETE the reviewed object is the old one.
-    admission.validate_tenant_deletion(runtime.client(), dict(kwargs.get("old") or body))
+    await asyncio.get_running_loop().run_in_executor(
+        _admission_pool,
+        admission.validate_tenant_deletion,
+        runtime.client(),
+        dict(kwargs.get("old") or body),
+    )
+
+
+_admission_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="admission")

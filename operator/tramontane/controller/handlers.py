@@ -23,7 +23,7 @@ from tramontane.controller import admission, children, reconcile, tenants
 from tramontane.controller.kube import MODELDEPLOYMENT, TENANT, Kube
 from tramontane.render.admission import render_bindings
 from tramontane.render.rayservice import DEPLOYMENT_LABEL, FIELD_MANAGER, RenderOptions
-from tramontane.render.tenant import TenantOptions
+from tramontane.render.tenant import TENANT_LABEL, TenantOptions
 
 log = logging.getLogger(__name__)
 RETRY_DELAYS = (1, 2, 4, 8, 15)
@@ -230,6 +230,12 @@ def tenant_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) -> 
     previous = _tenant_generations.get(name)
     _tenant_generations[name] = generation
     reconcile_tenant_by_name(name, with_deployments=previous is not None and previous != generation)
+
+
+@kopf.on.event("", "v1", "resourcequotas", labels={TENANT_LABEL: kopf.PRESENT})
+def tenant_quota_event(body: kopf.Body, **_: Any) -> None:
+    """A tenant is only Ready once its quota is computed (see tenants.py)."""
+    reconcile_tenant_by_name(body["metadata"]["labels"][TENANT_LABEL])
 
 
 @kopf.on.event("tramontane.dev", "v1alpha1", "residencypolicies")

@@ -36,8 +36,17 @@ def _verdict(tenant: Tenant, kube: Kube, options: TenantOptions) -> tuple[bool, 
         whose = f"tenant {owner}" if owner else "no tenant"
         message = f"namespace {tenant.spec.namespace} already exists and belongs to {whose}"
         return (False, "NamespaceTaken", message)
+    quota_computed = True
     for manifest in render_tenant(tenant, policy, options):
-        kube.apply(manifest, FIELD_MANAGER)
+        applied = kube.apply(manifest, FIELD_MANAGER)
+        if manifest["kind"] == "ResourceQuota":
+            quota_computed = bool(applied.get("status", {}).get("hard"))
+    if not quota_computed:
+        # Quota admission refuses every ModelDeployment until the quota controller has computed
+        # the quota's usage; the quota's status update brings us back here.
+        return (False, "QuotaPending",
+                f"waiting for the ResourceQuota of namespace {tenant.spec.namespace} to be "
+                "computed by the quota controller")  # fmt: skip
     return (True, "Provisioned",
             f"namespace {tenant.spec.namespace} with quota, limits, network policies and RBAC "
             f"under residency policy {policy.name} ({policy.spec.jurisdiction})")  # fmt: skip

@@ -80,7 +80,6 @@ def test_tenant_namespace_has_its_guard_rails(cluster: Kubectl, make_tenant: Any
     assert labels["tramontane.dev/residency-policy"] == "eu"
     quota = cluster.json("get", "resourcequota", "tramontane-tenant", "-n", name)["spec"]["hard"]
     assert quota["requests.nvidia.com/gpu"] == "64"
-    assert quota["count/modeldeployments.tramontane.dev"] == "30"
     assert "pods" in quota
     cluster.run("get", "limitrange", "tramontane-tenant", "-n", name)
 

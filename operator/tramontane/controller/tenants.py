@@ -22,6 +22,15 @@ KIND = "Tenant"
 condition_counts = telemetry.ConditionCounts(KIND)
 
 
+def _quota_computed(quota: dict[str, Any]) -> bool:
+    """Whether quota admission can evaluate this quota: the quota controller has recorded usage for
+    every resource it limits (for a freshly installed CRD that takes a discovery resync)."""
+    hard = quota.get("spec", {}).get("hard", {})
+    status = quota.get("status", {})
+    used = status.get("used") or {}
+    return status.get("hard") == hard and all(resource in used for resource in hard)
+
+
 def _verdict(tenant: Tenant, kube: Kube, options: TenantOptions) -> tuple[bool, str, str]:
     """Apply the tenant's objects if it can be done safely; say what happened."""
     policy_body = kube.get(RESIDENCYPOLICY, None, tenant.spec.residency_policy)
@@ -40,7 +49,7 @@ def _verdict(tenant: Tenant, kube: Kube, options: TenantOptions) -> tuple[bool, 
     for manifest in render_tenant(tenant, policy, options):
         applied = kube.apply(manifest, FIELD_MANAGER)
         if manifest["kind"] == "ResourceQuota":
-            quota_computed = bool(applied.get("status", {}).get("hard"))
+            quota_computed = _quota_computed(applied)
     if not quota_computed:
         # Quota admission refuses every ModelDeployment until the quota controller has computed
         # the quota's usage; the quota's status update brings us back here.

@@ -84,11 +84,9 @@ def render_resource_quota(tenant: Tenant) -> dict[str, Any]:
         "kind": "ResourceQuota",
         "metadata": _meta(tenant, "tramontane-tenant"),
         "spec": {
-            "hard": {
-                f"requests.{GPU_RESOURCE}": str(quota.gpus),
-                "pods": str(pods),
-                f"count/modeldeployments.{GROUP}": str(quota.model_deployments),
-            }
+            # The ModelDeployment count is enforced by the webhook: an object-count quota on a CRD
+            # blocks every create until kube-controller-manager's discovery has noticed the CRD.
+            "hard": {f"requests.{GPU_RESOURCE}": str(quota.gpus), "pods": str(pods)}
         },
     }
 

@@ -9,15 +9,21 @@ export TRAMONTANE_CACHE ?= $(HOME)/.cache/tramontane
 # The package is not installed into the shared cached venv: it is imported from the checkout.
 export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/e2e
 PY := $(CURDIR)/.venv/bin/python
+# The serving environment: everything of the dev one plus Ray Serve LLM and vLLM (CPU build).
+# Tests run in it, so the serving tests use the real engine.
+SPY := $(CURDIR)/.venv-serving/bin/python
 CLUSTER := $(PY) e2e/localcluster.py
 
-.PHONY: bench-operator crds help venv binaries cluster cluster-down cluster-status demo lint format test test-unit test-integration
+.PHONY: bench-operator bench-serving crds help venv venv-serving serve-down binaries cluster cluster-down cluster-status demo lint format test test-unit test-integration test-serving
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 venv: ## Create/reuse the cached Python environment and link it at .venv
 	@hack/venv.sh requirements/dev.lock
+
+venv-serving: ## Create/reuse the serving environment (Ray Serve LLM + vLLM CPU), linked at .venv-serving
+	@hack/venv.sh requirements/serving.lock
 
 binaries: ## Build the control-plane binaries from Go modules (once per pinned version)
 	@e2e/build.sh all
@@ -27,12 +33,16 @@ cluster: venv binaries ## Start the local cluster (or reuse a running one); kube
 
 cluster-down: venv ## Stop every process of the local cluster (state in .cluster/ is kept)
 	@$(CLUSTER) down
+	@if [[ -x .venv-serving/bin/python ]]; then .venv-serving/bin/python e2e/localray.py down; fi
 
 cluster-status: venv ## Show each component of the local cluster and whether it is healthy
 	@$(CLUSTER) status
 
-demo: cluster ## The main job: CRDs, operator and a sample ModelDeployment on the local cluster
+demo: cluster venv-serving ## The main job: tenant + ModelDeployment on the local cluster, then its rendered config served on local Ray
 	@e2e/demo.sh
+
+serve-down: venv-serving ## Stop the local Ray instance of `make demo` (the serving endpoint)
+	@$(SPY) e2e/localray.py down
 
 crds: venv ## Regenerate crds/ and policies/admission/ from the code (a test fails when stale)
 	@$(PY) -m tramontane.cli crds --output crds
@@ -41,21 +51,25 @@ crds: venv ## Regenerate crds/ and policies/admission/ from the code (a test fai
 bench-operator: cluster ## Benchmark: N=100 and N=1000 ModelDeployments to Reconciled, operator RSS
 	@$(PY) e2e/bench_operator.py --sizes $${BENCH_SIZES:-100,1000}
 
-lint: venv ## ruff, mypy (strict) and the import-layer contracts
+lint: venv ## ruff, mypy (strict), the import-layer contracts and hadolint (images/)
 	@$(PY) -m ruff check .
 	@$(PY) -m ruff format --check .
 	@$(PY) -m mypy
 	@.venv/bin/lint-imports
+	@.venv/bin/hadolint --config images/.hadolint.yaml images/operator/Dockerfile images/serving/Dockerfile
 
 format: venv ## Apply ruff's formatting and safe fixes
 	@$(PY) -m ruff format .
 	@$(PY) -m ruff check --fix .
 
-test: venv binaries lint ## The whole suite: lint, unit and integration tests (starts the cluster if needed)
-	@$(PY) -m pytest
+test: venv venv-serving binaries lint ## The whole suite: lint, unit, integration and serving tests
+	@$(SPY) -m pytest
 
-test-unit: venv ## Unit tests only (no cluster)
-	@$(PY) -m pytest -m "not integration"
+test-unit: venv-serving ## Unit tests only (no cluster, no engine)
+	@$(SPY) -m pytest -m "not integration and not serving"
 
-test-integration: venv binaries ## Integration tests on the local cluster
-	@$(PY) -m pytest -m integration
+test-integration: venv-serving binaries ## Integration tests on the local cluster
+	@$(SPY) -m pytest -m integration
+
+test-serving: venv-serving ## Serving tests: the real engine on a local Ray instance
+	@$(SPY) -m pytest -m serving

@@ -65,3 +65,11 @@ kubectl run -n team-finance sneaky --image=rayproject/ray:2.60.0 --restart=Never
   2>&1 | sed 's/^/  /' || true
 echo
 echo "Try: export KUBECONFIG=$KUBECONFIG; kubectl scale -n team-finance md/llama-3-8b --replicas=3"
+
+say "Serving the RayService's serveConfigV2 (as the operator rendered it) on a local Ray instance"
+# No container runs in this cluster, so the Ray head cannot start in a pod: the same config is
+# deployed the way KubeRay deploys it (Ray dashboard's Serve API) on a local `ray start`, with
+# the tiny test model in place of the 8B weights and vLLM's CPU build. First run: ~2 minutes.
+kubectl get -n team-finance rayservice llama-3-8b -o jsonpath='{.spec.serveConfigV2}' \
+  >.cluster/llama-3-8b-serveconfig.yaml
+"$repo/.venv-serving/bin/python" e2e/localray.py serve-rendered .cluster/llama-3-8b-serveconfig.yaml

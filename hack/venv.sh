@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Creates (once) the Python environment for a lock file and links it at <repo>/.venv.
 #
+# Usage: hack/venv.sh [LOCK]. LOCK defaults to requirements/dev.lock, linked at .venv; any other
+# lock NAME.lock is linked at .venv-NAME (requirements/serving.lock: the serving runtime with Ray
+# Serve LLM and vLLM, .venv-serving), so it never replaces the dev environment. VENV_LINK=PATH
+# links it elsewhere.
+#
 # The environment lives in the cache outside the repo, keyed by the Python version and the lock
 # file's content, so every checkout on this machine (CI's fresh clones included) reuses it and a
 # changed lock gets a new one. A half-built environment has no .complete marker and is rebuilt.
@@ -32,12 +37,18 @@ fi
 uv="$uv_dir/bin/uv"
 
 key="$( { "$python" --version; cat "$lock"; } | sha256sum | cut -c1-16)"
-venv="$cache/venvs/$(basename "$lock" .lock)-$key"
+name="$(basename "$lock" .lock)"
+venv="$cache/venvs/$name-$key"
 if [[ ! -f "$venv/.complete" ]]; then
   echo "[venv] creating $venv from $(basename "$lock")" >&2
   rm -rf "$venv"
   "$uv" venv --quiet --python "$python" "$venv"
-  "$uv" pip sync --quiet --python "$venv/bin/python" "$lock"
+  # --compile-bytecode: .pyc files are written at install time, because with
+  # PYTHONDONTWRITEBYTECODE set (as in some shells and CI) every process would otherwise compile
+  # its imports from source: `import vllm` went from ~35 s to a few seconds, in each of the
+  # several processes that a Ray Serve LLM replica starts.
+  "$uv" pip sync --quiet --compile-bytecode --python "$venv/bin/python" "$lock"
   touch "$venv/.complete"
 fi
-ln -sfn "$venv" "$repo/.venv"
+if [[ "$name" == dev ]]; then default_link="$repo/.venv"; else default_link="$repo/.venv-$name"; fi
+ln -sfn "$venv" "${VENV_LINK:-$default_link}"

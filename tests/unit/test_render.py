@@ -115,6 +115,66 @@ def test_serve_config_imports_a_real_module_and_its_args_parse_on_the_serving_si
     assert parsed.tenant == "team-finance"
 
 
+def pod_specs(rayservice: dict[str, Any]) -> list[dict[str, Any]]:
+    config = rayservice["spec"]["rayClusterConfig"]
+    return [config["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in config["workerGroupSpecs"]
+    ]
+
+
+def test_every_ray_pod_mounts_the_api_key_secret_read_only() -> None:
+    for pod in pod_specs(render_rayservice(md(), OPTIONS)):
+        assert {
+            "name": "api-keys",
+            "secret": {"secretName": "llama-3-8b-api-keys", "optional": True, "defaultMode": 0o440},
+        } in pod["volumes"]
+        (container,) = pod["containers"]
+        assert {
+            "name": "api-keys",
+            "mountPath": "/etc/tramontane/api-keys",
+            "readOnly": True,
+        } in container["volumeMounts"]
+        # The path the app reads keys from is the one mounted.
+        assert ServingArgs.from_model_deployment(md()).api_keys_path == "/etc/tramontane/api-keys"
+
+
+def test_pvc_model_and_adapters_are_mounted_read_only_where_the_app_resolves_them() -> None:
+    deployment = md(
+        model={"uri": "pvc://llm-weights/llama/3.1-8b", "servedName": "llama-3.1-8b-instruct"},
+        adapters=[
+            {"name": "finance-reports", "uri": "pvc://llm-adapters/finance/v3"},
+            {"name": "contracts-legal", "uri": "s3://acme-eu-models/adapters/legal-v1"},
+            {"name": "audit", "uri": "pvc://llm-weights/adapters/audit"},
+        ],
+    )
+    from tramontane.serving.config import adapter_sources, model_source  # noqa: PLC0415
+
+    for pod in pod_specs(render_rayservice(deployment, OPTIONS)):
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]
+            for v in pod["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        assert list(claims.values()) == [
+            {"claimName": "llm-weights", "readOnly": True},
+            {"claimName": "llm-adapters", "readOnly": True},
+        ]
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert {"/mnt/models/llm-weights", "/mnt/models/llm-adapters"} <= mounts
+    args = ServingArgs.from_model_deployment(deployment)
+    assert model_source(args.model.uri, "/mnt/models") == "/mnt/models/llm-weights/llama/3.1-8b"
+    assert adapter_sources(args, "/mnt/models")["finance-reports"] == (
+        "/mnt/models/llm-adapters/finance/v3"
+    )
+    # The sample's weights are in a bucket: no claim at all.
+    assert not [
+        v
+        for pod in pod_specs(render_rayservice(md(), OPTIONS))
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+
+
 def test_children_are_owned_by_the_modeldeployment_and_labelled() -> None:
     for child in render_children(md(), OPTIONS):
         (owner,) = child["metadata"]["ownerReferences"]

@@ -15,6 +15,10 @@ from tramontane.api.base import ApiModel
 from tramontane.api.v1alpha1 import Adapter, EngineConfig, ModelDeployment
 
 API_KEYS_MOUNT_PATH = "/etc/tramontane/api-keys"
+# pvc://claim/path URIs: the operator mounts each claim read-only at MODEL_ROOT/<claim> in the
+# serving pods, and the app resolves the URIs against it (TRAMONTANE_MODEL_ROOT overrides it
+# where there are no pods: local runs and tests).
+MODEL_ROOT = "/mnt/models"
 
 
 class ServingModel(ApiModel):

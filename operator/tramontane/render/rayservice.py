@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from tramontane.api.base import API_VERSION
-from tramontane.api.serving import ServingArgs
+from tramontane.api.serving import API_KEYS_MOUNT_PATH, MODEL_ROOT, ServingArgs
 from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
 
 FIELD_MANAGER = "tramontane"
@@ -126,7 +126,11 @@ def _resources(cpu: int, memory_gib: int, gpus: int) -> dict[str, Any]:
 
 
 def _container(
-    name: str, image: str, resources: dict[str, Any], ports: list[dict[str, Any]]
+    name: str,
+    image: str,
+    resources: dict[str, Any],
+    ports: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "name": name,
@@ -135,8 +139,58 @@ def _container(
         "resources": resources,
         "ports": ports,
         "securityContext": restricted_container_security(),
-        "env": [{"name": "RAY_SERVE_ENABLE_JSON_LOGGING", "value": "1"}],
+        "env": [
+            {"name": "RAY_SERVE_ENABLE_JSON_LOGGING", "value": "1"},
+            # Ray 2.60 turns its token authentication on by default, and KubeRay v1.5 has no way
+            # to hand the token to its dashboard calls (serve config deploys, health checks).
+            # The dashboard is reachable only inside the tenant's namespace (NetworkPolicies).
+            {"name": "RAY_AUTH_MODE", "value": "disabled"},
+        ],
+        "volumeMounts": mounts,
     }
+
+
+def api_keys_secret_name(md: ModelDeployment) -> str:
+    """The tenant's Secret of API keys for this deployment (one entry per key)."""
+    return f"{md.name}-api-keys"
+
+
+def model_claims(md: ModelDeployment) -> list[str]:
+    """PersistentVolumeClaims named by pvc:// URIs of the model and its adapters, in order."""
+    uris = [md.spec.model.uri, *(adapter.uri for adapter in md.spec.adapters)]
+    claims: list[str] = []
+    for uri in uris:
+        if uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").partition("/")[0]
+            if claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def _volumes(md: ModelDeployment) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) of the serving pods: the API keys and the model claims, read-only."""
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "api-keys",
+            # Optional: without the Secret the pods still start and refuse every request (401),
+            # which says more than pods stuck in ContainerCreating.
+            "secret": {
+                "secretName": api_keys_secret_name(md),
+                "optional": True,
+                "defaultMode": 0o440,
+            },
+        }
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "api-keys", "mountPath": API_KEYS_MOUNT_PATH, "readOnly": True}
+    ]
+    for index, claim in enumerate(model_claims(md)):
+        name = f"models-{index}"
+        volumes.append(
+            {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": name, "mountPath": f"{MODEL_ROOT}/{claim}", "readOnly": True})
+    return volumes, mounts
 
 
 def _port(name: str, port: int) -> dict[str, Any]:
@@ -146,6 +200,7 @@ def _port(name: str, port: int) -> dict[str, Any]:
 def _head_group(
     md: ModelDeployment, options: RenderOptions, placement: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    volumes, mounts = _volumes(md)
     container = _container(
         "ray-head",
         options.serving_image,
@@ -157,6 +212,7 @@ def _head_group(
             _port("serve", SERVE_PORT),
             _port("metrics", METRICS_PORT),
         ],
+        mounts,
     )
     return {
         "serviceType": "ClusterIP",
@@ -167,6 +223,7 @@ def _head_group(
             "spec": {
                 "securityContext": restricted_pod_security(),
                 "containers": [container],
+                "volumes": volumes,
                 **({"affinity": _required_affinity(placement)} if placement else {}),
             },
         },
@@ -197,6 +254,7 @@ def _worker_group(
         resources = _resources(options.cpu_per_gpu * gpus, options.memory_gib_per_gpu * gpus, gpus)
     else:
         resources = _resources(options.cpu_worker_cpu, options.cpu_worker_memory_gib, 0)
+    volumes, mounts = _volumes(md)
     pod_spec: dict[str, Any] = {
         "securityContext": restricted_pod_security(),
         "containers": [
@@ -205,8 +263,10 @@ def _worker_group(
                 options.serving_image,
                 resources,
                 [_port("serve", SERVE_PORT), _port("metrics", METRICS_PORT)],
+                mounts,
             )
         ],
+        "volumes": volumes,
     }
     if gpus:
         pod_spec["tolerations"] = [

@@ -1,0 +1,132 @@
+"""Fixtures of the serving tests: the real engine (vLLM CPU build) under Ray Serve LLM.
+
+They run in the serving environment (.venv-serving, requirements/serving.lock), which `make test`
+uses for the whole suite. One local Ray instance serves the whole session: starting an engine
+costs about a minute on 2 cores, so every test shares the sample deployment.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from localray import LocalRay, running
+from tramontane.api.serving import ServingArgs
+from tramontane.api.v1alpha1 import ModelDeployment
+from tramontane.render.rayservice import SERVE_PORT, serve_config
+from tramontane.serving.testmodel import ensure_adapter, ensure_model
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "config" / "samples" / "modeldeployment.yaml"
+MODELS_CLAIM = "test-models"  # the "PVC" holding the test models, see model_root
+SERVE_URL = f"http://127.0.0.1:{SERVE_PORT}"
+
+
+@dataclass(frozen=True)
+class ServedApp:
+    """A deployed application and what clients need to call it."""
+
+    url: str
+    name: str
+    model: str
+    adapters: tuple[str, ...]
+    keys: dict[str, str]  # key name → key
+    ray: LocalRay
+    config: dict[str, Any]
+
+    def client(self, key: str | None = "app-a", **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120, **kwargs)
+
+    def async_client(self, key: str = "app-a", **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.keys[key]}"},
+            timeout=300,
+            **kwargs,
+        )
+
+
+@pytest.fixture(scope="session")
+def test_model() -> Path:
+    return ensure_model()
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory: pytest.TempPathFactory, test_model: Path) -> Path:
+    """Stands for the volume mounts of a pod: <root>/<claim> is the claim `test-models`."""
+    root = tmp_path_factory.mktemp("model-root")
+    (root / MODELS_CLAIM).symlink_to(test_model.parent, target_is_directory=True)
+    return root
+
+
+def sample_deployment(test_model: Path) -> ModelDeployment:
+    """config/samples/modeldeployment.yaml with its model and adapters on the test "PVC", on CPU.
+
+    The accelerator has to change too: for GPU accelerators Ray Serve LLM runs vLLM with its Ray
+    executor, which vLLM's CPU build refuses ("current platform cpu does not support ray"). The
+    H100 rendering is checked without the engine (test_config.py).
+    """
+    body = yaml.safe_load(SAMPLE.read_text())
+    body["spec"]["model"]["uri"] = f"pvc://{MODELS_CLAIM}/{test_model.name}"
+    for adapter in body["spec"]["adapters"]:
+        path = ensure_adapter(test_model, adapter["name"])
+        adapter["uri"] = f"pvc://{MODELS_CLAIM}/{path.parent.name}/{path.name}"
+    body["spec"]["accelerator"] = {"type": "CPU", "count": 0}
+    return ModelDeployment.from_body(body)
+
+
+@pytest.fixture(scope="session")
+def api_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A folder laid out like the mounted `<deployment>-api-keys` Secret: one file per key."""
+    folder = tmp_path_factory.mktemp("api-keys")
+    keys = {name: f"sk-{secrets.token_urlsafe(24)}" for name in ("app-a", "app-b")}
+    for name, key in keys.items():
+        (folder / name).write_text(key + "\n")
+    return folder, keys
+
+
+@pytest.fixture(scope="session")
+def local_ray(model_root: Path) -> Iterator[LocalRay]:
+    ray = LocalRay(
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "TRAMONTANE_MODEL_ROOT": str(model_root)},
+    )
+    with running(ray):
+        yield ray
+
+
+@pytest.fixture(scope="session")
+def sample_config(test_model: Path, api_keys: tuple[Path, dict[str, str]]) -> dict[str, Any]:
+    """The serveConfigV2 the operator renders for the sample (only the keys' folder differs)."""
+    md = sample_deployment(test_model)
+    args = ServingArgs.from_model_deployment(md).model_copy(
+        update={"api_keys_path": str(api_keys[0])}
+    )
+    config: dict[str, Any] = serve_config(md, args)
+    return config
+
+
+@pytest.fixture(scope="session")
+def sample_app(
+    local_ray: LocalRay, sample_config: dict[str, Any], api_keys: tuple[Path, dict[str, str]]
+) -> ServedApp:
+    local_ray.deploy(sample_config)
+    app = sample_config["applications"][0]
+    local_ray.wait_running([app["name"]], timeout=900)
+    args = ServingArgs.model_validate(app["args"])
+    return ServedApp(
+        url=SERVE_URL,
+        name=app["name"],
+        model=args.model.served_name,
+        adapters=tuple(adapter.name for adapter in args.adapters),
+        keys=api_keys[1],
+        ray=local_ray,
+        config=sample_config,
+    )

@@ -1,0 +1,31 @@
+"""The operator's rendered serveConfigV2 runs as is on Ray Serve (one contract, both sides)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serving.conftest import ServedApp
+
+pytestmark = pytest.mark.serving
+
+
+def test_rendered_sample_config_deploys_and_answers(sample_app: ServedApp) -> None:
+    app = sample_app.config["applications"][0]
+    assert app["import_path"] == "tramontane.serving.app:build_app"
+    with sample_app.client() as client:
+        models = client.get("/v1/models")
+        assert models.status_code == 200, models.text
+        ids = [card["id"] for card in models.json()["data"]]
+        assert ids == [sample_app.model, *sample_app.adapters]
+        reply = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": sample_app.model,
+                "messages": [{"role": "user", "content": "Bonjour"}],
+                "max_tokens": 8,
+            },
+        )
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["model"] == sample_app.model
+        assert body["usage"]["completion_tokens"] == 8

@@ -15,16 +15,16 @@ from pydantic import Field
 from tramontane.api.base import API_VERSION, ApiModel, cel, immutable, rules
 from tramontane.api.conditions import Condition
 
-# s3://bucket/key, gs://bucket/key, pvc://claim/path, hf://org/name, oci://registry/repo[:tag|@digest]
+# s3://bucket/key, gs://bucket/key, pvc://claim/path, hf://org/name: what the serving runtime can
+# load (tramontane.serving.config.model_source), so anything else is refused at admission.
 MODEL_URI_PATTERN = (
     r"^(s3|gs)://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?$"
     r"|^pvc://[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?(/[^\s]*)?$"
     r"|^hf://[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$"
-    r"|^oci://[a-z0-9][a-z0-9.\-:]*(/[a-z0-9._\-]+)+([:@][A-Za-z0-9_.:\-]+)?$"
 )
 URI_DESCRIPTION = (
-    "Where the weights are: s3://bucket/prefix, gs://bucket/prefix, pvc://claim/path, "
-    "hf://org/name or oci://registry/repository[:tag|@digest]."
+    "Where the weights are: s3://bucket/prefix, gs://bucket/prefix, pvc://claim/path "
+    "(mounted read-only) or hf://org/name."
 )
 GPU_COUNTS = (1, 2, 4, 8)
 MAX_NAME_LENGTH = 40  # leaves room for the suffixes KubeRay adds to RayCluster and pod names

@@ -51,6 +51,9 @@ crds: venv ## Regenerate crds/ and policies/admission/ from the code (a test fai
 bench-operator: cluster ## Benchmark: N=100 and N=1000 ModelDeployments to Reconciled, operator RSS
 	@$(PY) e2e/bench_operator.py --sizes $${BENCH_SIZES:-100,1000}
 
+bench-serving: venv-serving ## Benchmark: the serving app vs bare vLLM (tokens/s, TTFT); BENCH_ROUNDS etc.
+	@$(SPY) e2e/bench_serving.py
+
 lint: venv ## ruff, mypy (strict), the import-layer contracts and hadolint (images/)
 	@$(PY) -m ruff check .
 	@$(PY) -m ruff format --check .

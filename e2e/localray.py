@@ -122,8 +122,9 @@ class LocalRay:
             return False
         return True
 
-    def up(self, timeout: float = 120) -> None:
-        if _pids() and self.healthy():
+    def up(self, timeout: float = 120, *, fresh: bool = False) -> None:
+        """Start the head; reuse a healthy running one unless `fresh` (then it is replaced)."""
+        if not fresh and _pids() and self.healthy():
             return
         self.down()
         busy = [f"{name} {port}" for name, port in PORTS.items() if not _port_free(port)]
@@ -276,7 +277,7 @@ def serve_rendered(file: Path) -> None:
         key_file.chmod(0o600)
     config, root = localize(yaml.safe_load(file.read_text()), keys)
     ray = LocalRay(env={"VLLM_CPU_KVCACHE_SPACE": "1", "TRAMONTANE_MODEL_ROOT": str(root)})
-    ray.up()
+    ray.up(fresh=True)
     names = [app["name"] for app in config["applications"]]
     started = time.monotonic()
     ray.deploy(config)
@@ -309,7 +310,8 @@ def serve_rendered(file: Path) -> None:
 
 @contextlib.contextmanager
 def running(ray: LocalRay) -> Iterator[LocalRay]:
-    ray.up()
+    """A fresh instance with this one's settings (a running one, e.g. the demo's, is replaced)."""
+    ray.up(fresh=True)
     try:
         yield ray
     finally:

@@ -19,8 +19,11 @@ from tramontane.render.rayservice import serve_config
 
 pytestmark = pytest.mark.serving
 
-LOAD_SECONDS = 240
 CONCURRENCY = 24
+# A new engine starts in ~1.5 min on an idle 2-core machine, several under load (it shares the
+# cores with the one serving): the load lasts until a new replica serves, at most this long.
+SCALE_UP_TIMEOUT_S = 600
+LOAD_AFTER_SCALE_UP_S = 20  # the new replica takes its share of the load before it ends
 REPORT = Path(__file__).resolve().parents[2] / ".ray" / "autoscaling-figures.json"
 
 
@@ -37,8 +40,9 @@ def autoscaling_deployment(test_model: Path) -> ModelDeployment:
                 "scaling": {
                     "minReplicas": 1,
                     "maxReplicas": 3,
-                    # 24 streams / 8 per replica: the autoscaler wants 3 replicas.
-                    "targetOngoingRequests": 8,
+                    # 24 streams / 12 per replica: the autoscaler wants 2 of the 3 replicas
+                    # (not 3: two engines starting at once on 2 cores take twice as long).
+                    "targetOngoingRequests": 12,
                     "upscaleDelaySeconds": 5,
                     "downscaleDelaySeconds": 20,
                 },
@@ -68,43 +72,51 @@ def test_replicas_scale_up_under_load_and_back_down_after(
 
     assert serving_replicas() == 1
     reports: list[LoadReport] = []
+    stop = threading.Event()
 
-    def load() -> None:
-        reports.append(
-            asyncio.run(
-                run_load(
+    async def rounds() -> None:
+        while not stop.is_set():
+            reports.append(
+                await run_load(
                     f"{SERVE_URL}/autoscale",
                     md.served_name,
                     concurrency=CONCURRENCY,
-                    duration_s=LOAD_SECONDS,
+                    duration_s=10,
                     max_tokens=128,
                     headers={"Authorization": f"Bearer {api_keys[1]['app-a']}"},
                 )
             )
-        )
 
+    worker = threading.Thread(target=lambda: asyncio.run(rounds()), daemon=True)
     started = time.monotonic()
-    worker = threading.Thread(target=load, daemon=True)
     worker.start()
     reached: dict[int, float] = {}
-    while worker.is_alive():
-        count = serving_replicas()
-        for n in range(2, count + 1):
-            reached.setdefault(n, round(time.monotonic() - started, 1))
-        time.sleep(1)
+    try:
+        while 2 not in reached and time.monotonic() - started < SCALE_UP_TIMEOUT_S:
+            count = serving_replicas()
+            for n in range(2, count + 1):
+                reached.setdefault(n, round(time.monotonic() - started, 1))
+            time.sleep(1)
+        if 2 in reached:
+            time.sleep(LOAD_AFTER_SCALE_UP_S)
+    finally:
+        stop.set()
+        worker.join()
     load_ended = time.monotonic()
-    report = reports[0]
+    results = [result for report in reports for result in report.results]
+    failures = [result.error for result in results if not result.ok]
+    tokens = sum(result.completion_tokens for result in results)
 
     eventually(
         lambda: serving_replicas() == 1, timeout=300, what="scale-down to 1 replica", interval=1
     )
     scaled_down_after = round(time.monotonic() - load_ended, 1)
     figures = {
-        "load_seconds": LOAD_SECONDS,
         "concurrency": CONCURRENCY,
-        "requests": len(report.results),
-        "failed_requests": report.failures,
-        "output_tokens_per_s": round(report.output_tokens_per_s, 1),
+        "load_seconds": round(load_ended - started, 1),
+        "requests": len(results),
+        "failed_requests": len(failures),
+        "output_tokens_per_s": round(tokens / (load_ended - started), 1),
         "seconds_from_load_start_to_replica_serving": reached,
         "seconds_from_load_end_to_one_replica": scaled_down_after,
     }
@@ -112,5 +124,5 @@ def test_replicas_scale_up_under_load_and_back_down_after(
     REPORT.write_text(json.dumps(figures, indent=2) + "\n")
     print("autoscaling:", json.dumps(figures))
 
-    assert report.failures == 0, [r.error for r in report.results if not r.ok][:3]
-    assert 2 in reached, f"no second replica served within {LOAD_SECONDS}s of load: {figures}"
+    assert not failures, failures[:3]
+    assert 2 in reached, f"no second replica served within {SCALE_UP_TIMEOUT_S}s: {figures}"

@@ -19,10 +19,15 @@ from tramontane.api.serving import MODEL_ROOT, ServingArgs
 # point it at a folder of their own).
 MODEL_ROOT_ENV = "TRAMONTANE_MODEL_ROOT"
 
-# Ray Serve LLM gathers streamed chunks for this long before sending them on (its default is
-# 50 ms, which costs time to first token and smooths nothing that HTTP chunking doesn't).
-# Measured with `make bench-serving`; see the README.
+# Ray Serve LLM gathers streamed chunks for this long before passing them from the engine's
+# replica to the ingress (one message per batch instead of per token). Measured with
+# `make bench-serving` (README); the environment variable overrides it for tuning.
 STREAM_BATCHING_INTERVAL_MS = 0
+STREAM_BATCHING_ENV = "TRAMONTANE_STREAM_BATCHING_INTERVAL_MS"
+
+
+def stream_batching_interval_ms() -> float:
+    return float(os.environ.get(STREAM_BATCHING_ENV, STREAM_BATCHING_INTERVAL_MS))
 
 
 def model_root() -> str:
@@ -125,7 +130,7 @@ def llm_config(args: ServingArgs, root: str) -> dict[str, Any]:
         "engine_kwargs": engine_kwargs(args),
         "deployment_config": {"autoscaling_config": autoscaling_config(args)},
         "placement_group_config": placement_group_config(args),
-        "experimental_configs": {"stream_batching_interval_ms": STREAM_BATCHING_INTERVAL_MS},
+        "experimental_configs": {"stream_batching_interval_ms": stream_batching_interval_ms()},
         # vLLM's own metrics (TTFT, KV-cache usage, queue depth) through Ray's metrics agent.
         "log_engine_metrics": True,
     }

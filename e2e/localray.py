@@ -75,20 +75,37 @@ def _port_free(port: int) -> bool:
 def _pids() -> list[int]:
     """Processes of this instance: their environment or command line names its temp dir.
 
-    (Ray renames its processes, `ray::DashboardAgent` etc., but they inherit the environment.)
+    Ray renames its processes (`ray::DashboardAgent` …) but they inherit the environment; some
+    are started by the raylet with an environment of their own, so also any process whose
+    RAY_RAYLET_PID is one of this instance's raylets (remembered in the state dir, as they may
+    outlive the raylet).
     """
     marker = str(temp_dir()).encode()
-    found = []
+    raylets_file = STATE / "raylet.pids"
+    raylets = set(raylets_file.read_text().split()) if raylets_file.exists() else set()
+    found: dict[int, bytes] = {}
+    environs: dict[int, bytes] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            seen = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
         except OSError:
             continue
-        if marker in seen:
-            found.append(int(proc.name))
-    return found
+        environs[int(proc.name)] = environ
+        if marker in cmdline or marker in environ:
+            found[int(proc.name)] = cmdline
+    new = {str(pid) for pid, cmdline in found.items() if b"/raylet" in cmdline.split(b"\0")[0]}
+    if new - raylets:
+        raylets |= new
+        STATE.mkdir(parents=True, exist_ok=True)
+        raylets_file.write_text(" ".join(sorted(raylets)) + "\n")
+    tags = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
+    for pid, environ in environs.items():
+        if pid not in found and any(tag in environ.split(b"\0") for tag in tags):
+            found[pid] = b""
+    return sorted(found)
 
 
 def _http(method: str, url: str, body: Any = None, timeout: float = 30) -> Any:
@@ -127,7 +144,11 @@ class LocalRay:
         if not fresh and _pids() and self.healthy():
             return
         self.down()
-        busy = [f"{name} {port}" for name, port in PORTS.items() if not _port_free(port)]
+        deadline = time.monotonic() + 30  # sockets of processes that just exited
+        while (busy := [f"{n} {p}" for n, p in PORTS.items() if not _port_free(p)]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(1)
         if busy:
             raise RuntimeError(f"ports in use, cannot start Ray: {', '.join(busy)}")
         STATE.mkdir(parents=True, exist_ok=True)
@@ -185,7 +206,8 @@ class LocalRay:
             while _pids() and time.monotonic() < deadline:
                 time.sleep(0.2)
             if not _pids():
-                return
+                break
+        (STATE / "raylet.pids").unlink(missing_ok=True)
 
     def deploy(self, serve_config: dict[str, Any]) -> None:
         """Deploy declaratively, as KubeRay does: the config replaces all applications."""

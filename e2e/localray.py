@@ -72,39 +72,46 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _pids() -> list[int]:
-    """Processes of this instance: their environment or command line names its temp dir.
+def _session_of(pid: int) -> int | None:
+    """The session id of a live process (None for zombies: they are only waiting to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces), from the last ")": state ppid pgrp
+    # session ...
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else int(fields[3])
 
-    Ray renames its processes (`ray::DashboardAgent` …) but they inherit the environment; some
-    are started by the raylet with an environment of their own, so also any process whose
-    RAY_RAYLET_PID is one of this instance's raylets (remembered in the state dir, as they may
-    outlive the raylet).
+
+def _pids() -> list[int]:
+    """Processes of this instance.
+
+    `ray start` runs in a session of its own (start_new_session) and every Ray process inherits
+    it, so the session id (kept in the state dir) finds them all, even after the raylet is gone.
+    Ray renames its processes (`ray::DashboardAgent` …), and the rename may overwrite what
+    /proc shows of their environment, so neither is reliable alone; the temp dir in the command
+    line or environment is checked too, for instances started before the session was recorded.
     """
     marker = str(temp_dir()).encode()
-    raylets_file = STATE / "raylet.pids"
-    raylets = set(raylets_file.read_text().split()) if raylets_file.exists() else set()
-    found: dict[int, bytes] = {}
-    environs: dict[int, bytes] = {}
+    session_file = STATE / "ray.session"
+    sessions = (
+        {int(s) for s in session_file.read_text().split()} if session_file.exists() else set()
+    )
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
+        pid = int(proc.name)
+        if _session_of(pid) in sessions:
+            found.append(pid)
+            continue
         try:
-            cmdline = (proc / "cmdline").read_bytes()
-            environ = (proc / "environ").read_bytes()
+            seen = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
         except OSError:
             continue
-        environs[int(proc.name)] = environ
-        if marker in cmdline or marker in environ:
-            found[int(proc.name)] = cmdline
-    new = {str(pid) for pid, cmdline in found.items() if b"/raylet" in cmdline.split(b"\0")[0]}
-    if new - raylets:
-        raylets |= new
-        STATE.mkdir(parents=True, exist_ok=True)
-        raylets_file.write_text(" ".join(sorted(raylets)) + "\n")
-    tags = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
-    for pid, environ in environs.items():
-        if pid not in found and any(tag in environ.split(b"\0") for tag in tags):
-            found[pid] = b""
+        if marker in seen:
+            found.append(pid)
     return sorted(found)
 
 
@@ -187,9 +194,10 @@ class LocalRay:
             p for p in (str(REPO / "operator"), env.get("PYTHONPATH", "")) if p
         )
         log = (STATE / "ray-start.log").open("ab")
-        subprocess.Popen(
+        head = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        (STATE / "ray.session").write_text(f"{head.pid}\n")  # its session id: see _pids
         deadline = time.monotonic() + timeout
         while not self.healthy():
             if time.monotonic() > deadline:
@@ -207,7 +215,8 @@ class LocalRay:
                 time.sleep(0.2)
             if not _pids():
                 break
-        (STATE / "raylet.pids").unlink(missing_ok=True)
+        if not _pids():
+            (STATE / "ray.session").unlink(missing_ok=True)
 
     def deploy(self, serve_config: dict[str, Any]) -> None:
         """Deploy declaratively, as KubeRay does: the config replaces all applications."""

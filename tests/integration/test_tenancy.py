@@ -57,17 +57,56 @@ def make_tenant(presets: Kubectl, operator: OperatorProcess) -> Iterator[Any]:
             30,
             f"Tenant {name} Ready",
         )
+        presets.apply(*model_volume(name))
         return name
 
     yield make
     for name in created:
         presets.run("delete", "md", "--all", "-n", name, "--wait=true", check=False)
         presets.run("delete", "tenant", name, "--wait=false", check=False)
+        presets.run("delete", "pv", f"{MODELS_CLAIM}-{name}", "--wait=false", check=False)
+
+
+MODELS_CLAIM = "models"
+
+
+def model_volume(namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tenant's model store that `pvc://models/...` URIs name: a PersistentVolumeClaim bound
+    to its own PersistentVolume, as a platform team would provision it. The pods mount the claim,
+    so without it they would never schedule. (hostPath stands in for the real storage: no
+    kubelet mounts anything here.)"""
+    pv_name = f"{MODELS_CLAIM}-{namespace}"
+    storage = {"requests": {"storage": "100Gi"}}
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": "100Gi"},
+            "accessModes": ["ReadOnlyMany"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": f"/srv/models/{namespace}"},
+            "claimRef": {"namespace": namespace, "name": MODELS_CLAIM},
+        },
+    }
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": MODELS_CLAIM, "namespace": namespace},
+        "spec": {
+            "accessModes": ["ReadOnlyMany"],
+            "storageClassName": "",
+            "volumeName": pv_name,
+            "resources": storage,
+        },
+    }
+    return pv, pvc
 
 
 def _eu_sample(namespace: str, name: str) -> dict[str, Any]:
     md = sample(namespace, name, adapters=[], scaling={"minReplicas": 1, "maxReplicas": 3})
-    md["spec"]["model"]["uri"] = "pvc://models/llama-3.1-8b-instruct"
+    md["spec"]["model"]["uri"] = f"pvc://{MODELS_CLAIM}/llama-3.1-8b-instruct"
     return md
 
 

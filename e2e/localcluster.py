@@ -93,6 +93,7 @@ def artifact_dirs() -> dict[str, Path]:
         "kuberay": CACHE / f"kuberay-{pins['KUBERAY_VERSION']}",
         "prometheus-operator-crds": CACHE
         / f"prometheus-operator-crds-{pins['PROMETHEUS_OPERATOR_VERSION']}",
+        "helm": CACHE / f"helm-{pins['HELM_VERSION']}",
     }
 
 

@@ -20,6 +20,7 @@ import kopf
 
 from tramontane.api.tenancy import ResidencyPolicy
 from tramontane.controller import admission, children, reconcile, tenants
+from tramontane.controller import settings as environment
 from tramontane.controller.kube import MODELDEPLOYMENT, TENANT, Kube
 from tramontane.render.admission import render_bindings
 from tramontane.render.rayservice import DEPLOYMENT_LABEL, FIELD_MANAGER, RenderOptions
@@ -34,8 +35,8 @@ class Runtime:
 
     def __init__(self) -> None:
         self.kube: Kube | None = None
-        self.options = RenderOptions()
-        self.tenant_options = TenantOptions()
+        self.options: RenderOptions = environment.render_options()
+        self.tenant_options: TenantOptions = environment.tenant_options()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -194,7 +195,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.admission.server = admission.webhook_server()
-    settings.admission.managed = os.environ.get("TRAMONTANE_WEBHOOK_CONFIG", "tramontane.dev")
+    # Installed by Helm, the chart owns the ValidatingWebhookConfiguration (and the operator
+    # needs no RBAC on webhook configurations): TRAMONTANE_WEBHOOK_CONFIG="" leaves it alone.
+    managed = os.environ.get("TRAMONTANE_WEBHOOK_CONFIG", "tramontane.dev")
+    settings.admission.managed = managed or None
     runtime.client()
 
 

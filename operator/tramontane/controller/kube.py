@@ -51,6 +51,7 @@ EVENT = Kind("events.k8s.io", "v1", "events")
 TENANT = Kind("tramontane.dev", "v1alpha1", "tenants", namespaced=False)
 RESIDENCYPOLICY = Kind("tramontane.dev", "v1alpha1", "residencypolicies", namespaced=False)
 NAMESPACE = Kind("", "v1", "namespaces", namespaced=False)
+CLUSTERKOPFPEERING = Kind("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
 
 KINDS = {
     ("v1", "Namespace"): NAMESPACE,

@@ -1,0 +1,67 @@
+"""The operator's environment (set by the chart) → render options; peering verdicts."""
+
+from __future__ import annotations
+
+import datetime
+
+from tramontane.controller import peering, settings
+from tramontane.render.rayservice import RenderOptions
+from tramontane.render.tenant import TenantOptions
+
+NOW = datetime.datetime(2026, 11, 28, 12, 0, tzinfo=datetime.UTC)
+
+
+def test_unset_environment_keeps_the_defaults() -> None:
+    assert settings.render_options({}) == RenderOptions()
+    assert settings.tenant_options({}) == TenantOptions()
+
+
+def test_chart_environment_reaches_the_render_options() -> None:
+    env = {
+        "TRAMONTANE_SERVING_IMAGE": "registry.acme.eu/mirror/serving:0.1.0",
+        "TRAMONTANE_CLUSTER_DOMAIN": "acme.internal",
+        "TRAMONTANE_SERVING_OTLP_ENDPOINT": "http://otel-collector.observability:4318",
+        "TRAMONTANE_MONITORING_NAMESPACES": "monitoring, observability",
+        "TRAMONTANE_API_SERVER_CIDRS": "10.0.0.1/32",
+    }
+    render = settings.render_options(env)
+    assert render.serving_image == "registry.acme.eu/mirror/serving:0.1.0"
+    assert render.cluster_domain == "acme.internal"
+    assert render.otlp_endpoint == "http://otel-collector.observability:4318"
+    tenants = settings.tenant_options(env)
+    assert tenants.monitoring_namespaces == ("monitoring", "observability")
+    assert tenants.api_server_cidrs == ("10.0.0.1/32",)
+    # An empty list is a choice (no monitoring namespace may scrape), not "unset".
+    assert (
+        settings.tenant_options({"TRAMONTANE_MONITORING_NAMESPACES": ""}).monitoring_namespaces
+        == ()
+    )
+
+
+def _record(priority: int, seconds_ago: int, lifetime: int = 60) -> dict[str, object]:
+    seen = NOW - datetime.timedelta(seconds=seconds_ago)
+    return {"priority": priority, "lifetime": lifetime, "lastseen": seen.isoformat()}
+
+
+def test_older_replicas_have_higher_priority() -> None:
+    assert peering.priority_from_start(1000.0) > peering.priority_from_start(1000.5)
+
+
+def test_alone_or_highest_is_active() -> None:
+    assert peering.is_active({}, "me", 10, NOW)
+    assert peering.is_active({"me": _record(10, 0)}, "me", 10, NOW)
+    assert peering.is_active({"me": _record(10, 0), "younger": _record(5, 0)}, "me", 10, NOW)
+
+
+def test_a_live_older_peer_makes_us_wait() -> None:
+    assert not peering.is_active({"older": _record(20, 5)}, "me", 10, NOW)
+
+
+def test_a_tie_pauses_everyone_as_kopf_does() -> None:
+    assert not peering.is_active({"twin": _record(10, 5)}, "me", 10, NOW)
+
+
+def test_an_expired_peer_does_not_count() -> None:
+    assert peering.is_active({"crashed": _record(20, 61, lifetime=60)}, "me", 10, NOW)
+    assert peering.is_active({"gone": _record(20, 0, lifetime=0)}, "me", 10, NOW)
+    assert peering.is_active({"garbage": {"priority": 99}}, "me", 10, NOW)

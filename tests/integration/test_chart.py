@@ -255,6 +255,17 @@ class ChartOperator(OperatorProcess):
         return self.log_path.read_text(errors="replace")
 
 
+def unrestricted_tenant(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "tramontane.dev/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": name},
+        "spec": {"namespace": name, "residencyPolicy": "unrestricted",
+                 "quota": {"gpus": 8, "modelDeployments": 4},
+                 "admins": {"groups": [f"{name}-admins"]}},
+    }  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def release(
     crds: Kubectl, operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory
@@ -329,13 +340,7 @@ def test_operator_with_the_chart_rbac_serves_a_tenant_end_to_end(release: Releas
     active.start()
     try:
         tenant = f"tc-{uuid.uuid4().hex[:6]}"
-        cluster.apply({
-            "apiVersion": "tramontane.dev/v1alpha1", "kind": "Tenant",
-            "metadata": {"name": tenant},
-            "spec": {"namespace": tenant, "residencyPolicy": "unrestricted",
-                     "quota": {"gpus": 8, "modelDeployments": 4},
-                     "admins": {"groups": [f"{tenant}-admins"]}},
-        })  # fmt: skip
+        cluster.apply(unrestricted_tenant(tenant))
         cluster.run("wait", f"tenant/{tenant}", "--for=condition=Ready", "--timeout=60s")
         for kind in ("resourcequota", "limitrange", "networkpolicy", "role", "rolebinding"):
             assert cluster.json("get", kind, "-n", tenant)["items"], kind
@@ -393,13 +398,7 @@ def test_a_second_replica_waits_and_takes_over(release: Release) -> None:
         first.process.wait(20)
         eventually(lambda: "Resuming operations" in second.log(), 90, "the second to resume")
         namespace = f"tc-{uuid.uuid4().hex[:6]}"
-        cluster.apply({
-            "apiVersion": "tramontane.dev/v1alpha1", "kind": "Tenant",
-            "metadata": {"name": namespace},
-            "spec": {"namespace": namespace, "residencyPolicy": "unrestricted",
-                     "quota": {"gpus": 8, "modelDeployments": 4},
-                     "admins": {"groups": ["admins"]}},
-        })  # fmt: skip
+        cluster.apply(unrestricted_tenant(namespace))
         cluster.run("wait", f"tenant/{namespace}", "--for=condition=Ready", "--timeout=60s")
     finally:
         first.stop()

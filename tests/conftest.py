@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import localcluster
+from tests import otelcol
 from tests.kube import Kubectl
 
 
@@ -34,6 +35,13 @@ def namespace(cluster: Kubectl) -> Iterator[str]:
     cluster.run("create", "namespace", name)
     yield name
     cluster.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def otel_collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[otelcol.Collector]:
+    """A real OpenTelemetry Collector (built by `e2e/build.sh otelcol`) on free ports."""
+    with otelcol.running(tmp_path_factory.mktemp("otelcol")) as collector:
+        yield collector
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.kube import Kubectl, eventually
-from tests.otlp import OtlpReceiver
+from tests.otelcol import Collector
 
 HERE = Path(__file__).resolve().parent
 
@@ -109,18 +109,11 @@ def _http_status(url: str) -> int:
 
 
 @pytest.fixture(scope="session")
-def otlp() -> Iterator[OtlpReceiver]:
-    receiver = OtlpReceiver().start()
-    yield receiver
-    receiver.stop()
-
-
-@pytest.fixture(scope="session")
-def operator(crds: Kubectl, otlp: OtlpReceiver) -> Iterator[OperatorProcess]:
+def operator(crds: Kubectl, otel_collector: Collector) -> Iterator[OperatorProcess]:
     log_dir = Path(os.environ.get("TRAMONTANE_CLUSTER_DIR", HERE.parent.parent / ".cluster"))
     log_path = log_dir / "logs" / "operator-tests.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    process = OperatorProcess(crds.kubeconfig, log_path, otlp.endpoint)
+    process = OperatorProcess(crds.kubeconfig, log_path, otel_collector.endpoint)
     process.start()
     yield process
     process.stop()

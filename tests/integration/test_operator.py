@@ -14,7 +14,7 @@ import yaml
 import localcluster
 from tests.integration.conftest import OperatorProcess
 from tests.kube import Kubectl, eventually
-from tests.otlp import OtlpReceiver
+from tests.otelcol import Collector
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -320,19 +320,19 @@ def test_operator_serves_metrics_and_probes(operator: OperatorProcess) -> None:
 
 
 def test_each_reconcile_exports_an_opentelemetry_span_over_otlp(
-    cluster: Kubectl, operator: OperatorProcess, otlp: OtlpReceiver, namespace: str
+    cluster: Kubectl, operator: OperatorProcess, otel_collector: Collector, namespace: str
 ) -> None:
     cluster.apply(sample(namespace, "traced"))
     wait_ready(cluster, namespace, "traced")
     # The reconcile that saw the deployment Ready exported a span saying so (spans are batched:
     # wait for it rather than take the last one received).
     spans = eventually(
-        lambda: otlp.find(
+        lambda: otel_collector.find(
             "reconcile ModelDeployment",
             **{"tramontane.tenant": namespace, "tramontane.ready": "True"},
         ),
         15,
-        "a reconcile span of the Ready deployment at the OTLP receiver",
+        "a reconcile span of the Ready deployment at the OpenTelemetry Collector",
     )
     span = spans[-1]
     assert span.service == "tramontane-operator"

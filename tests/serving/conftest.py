@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from localray import LocalRay, running
+from tests.otelcol import Collector
 from tramontane.api.serving import ServingArgs
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.render.rayservice import SERVE_PORT, serve_config
@@ -94,9 +95,16 @@ def api_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 
 
 @pytest.fixture(scope="session")
-def local_ray(model_root: Path) -> Iterator[LocalRay]:
+def local_ray(model_root: Path, otel_collector: Collector) -> Iterator[LocalRay]:
+    """The session's Ray instance, its processes configured as the operator renders a pod's:
+    tracing to an OTLP endpoint (the test collector), spans batched briefly for the tests."""
     ray = LocalRay(
-        env={"VLLM_CPU_KVCACHE_SPACE": "1", "TRAMONTANE_MODEL_ROOT": str(model_root)},
+        env={
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "TRAMONTANE_MODEL_ROOT": str(model_root),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otel_collector.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+        },
     )
     with running(ray):
         yield ray

@@ -138,6 +138,20 @@ def test_every_ray_pod_mounts_the_api_key_secret_read_only() -> None:
         assert ServingArgs.from_model_deployment(md()).api_keys_path == "/etc/tramontane/api-keys"
 
 
+def test_every_ray_container_gets_the_otlp_endpoint_only_when_one_is_configured() -> None:
+    traced = RenderOptions(otlp_endpoint="http://otel-collector.observability:4318")
+    containers = all_containers(render_rayservice(md(), traced))
+    assert len(containers) == 2  # head and worker: replicas may run on either
+    for container in containers:
+        otel = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("OTEL_")}
+        assert otel == {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318",
+            "OTEL_SERVICE_NAME": "tramontane-serving",
+        }
+    for container in all_containers(render_rayservice(md(), OPTIONS)):
+        assert not [e for e in container["env"] if e["name"].startswith("OTEL_")]
+
+
 def test_pvc_model_and_adapters_are_mounted_read_only_where_the_app_resolves_them() -> None:
     deployment = md(
         model={"uri": "pvc://llm-weights/llama/3.1-8b", "servedName": "llama-3.1-8b-instruct"},

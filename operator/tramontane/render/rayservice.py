@@ -18,6 +18,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 SERVE_PORT = 8000
 METRICS_PORT = 8080
+SERVING_SERVICE_NAME = "tramontane-serving"  # OTEL_SERVICE_NAME of the serving app's spans
 
 # GPU product labels (as NVIDIA GPU feature discovery sets them) per accelerator type.
 GPU_PRODUCTS: dict[AcceleratorType, tuple[str, ...]] = {
@@ -47,6 +48,9 @@ class RenderOptions:
     cpu_worker_memory_gib: int = 16
     head_cpu: int = 2
     head_memory_gib: int = 8
+    # OTLP/HTTP endpoint that the serving app sends its request spans to, e.g.
+    # http://otel-collector.observability:4318; None: the serving app exports no spans.
+    otlp_endpoint: str | None = None
 
 
 def labels(md: ModelDeployment) -> dict[str, str]:
@@ -125,16 +129,27 @@ def _resources(cpu: int, memory_gib: int, gpus: int) -> dict[str, Any]:
     return {"requests": amounts, "limits": limits}
 
 
+def _tracing_env(options: RenderOptions) -> list[dict[str, Any]]:
+    """The standard OTEL_* variables: every Ray process of the pod inherits them, the serving
+    app's replicas included (tramontane.serving.tracing reads them)."""
+    if not options.otlp_endpoint:
+        return []
+    return [
+        {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": options.otlp_endpoint},
+        {"name": "OTEL_SERVICE_NAME", "value": SERVING_SERVICE_NAME},
+    ]
+
+
 def _container(
     name: str,
-    image: str,
+    options: RenderOptions,
     resources: dict[str, Any],
     ports: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "name": name,
-        "image": image,
+        "image": options.serving_image,
         "imagePullPolicy": "IfNotPresent",
         "resources": resources,
         "ports": ports,
@@ -145,6 +160,7 @@ def _container(
             # to hand the token to its dashboard calls (serve config deploys, health checks).
             # The dashboard is reachable only inside the tenant's namespace (NetworkPolicies).
             {"name": "RAY_AUTH_MODE", "value": "disabled"},
+            *_tracing_env(options),
         ],
         "volumeMounts": mounts,
     }
@@ -203,7 +219,7 @@ def _head_group(
     volumes, mounts = _volumes(md)
     container = _container(
         "ray-head",
-        options.serving_image,
+        options,
         _resources(options.head_cpu, options.head_memory_gib, 0),
         [
             _port("gcs", 6379),
@@ -260,7 +276,7 @@ def _worker_group(
         "containers": [
             _container(
                 "ray-worker",
-                options.serving_image,
+                options,
                 resources,
                 [_port("serve", SERVE_PORT), _port("metrics", METRICS_PORT)],
                 mounts,

@@ -7,6 +7,7 @@ what a multi-tenant platform needs on top of it:
 
 - API keys of the tenant (tramontane.serving.auth), checked before anything else; 401 otherwise;
 - usage metrics per tenant, deployment, model and key (tramontane.serving.usage);
+- an OpenTelemetry span per request, when tracing is configured (tramontane.serving.tracing);
 - LoRA adapters addressed by their own names (`finance-reports`, not Ray's `base:adapter`), each
   loaded from its own URI (Ray's loader only knows one bucket prefix for all adapters);
 - `/healthz` (the app runs) and `/readyz` (the model's engine answers), without a key.
@@ -25,6 +26,7 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request  # type: ignore[import-not-found,unused-ignore]
 from fastapi.responses import JSONResponse  # type: ignore[import-not-found,unused-ignore]
+from opentelemetry import trace
 from pydantic import BaseModel
 from ray import serve  # type: ignore[import-not-found,unused-ignore]
 from ray.llm._internal.common.dict_utils import (  # type: ignore[import-not-found,unused-ignore]
@@ -65,7 +67,7 @@ from ray.serve.llm.ingress import (  # type: ignore[import-not-found,unused-igno
 )
 
 from tramontane.api.serving import ServingArgs
-from tramontane.serving import config
+from tramontane.serving import config, tracing
 from tramontane.serving.auth import ApiKeyMiddleware, KeyStore, Receive, Scope, Send
 from tramontane.serving.usage import (
     UNKNOWN,
@@ -141,7 +143,11 @@ class TramontaneLLMServer(LLMServer):  # type: ignore[misc]
 
 
 class UsageMiddleware:
-    """Counts every /v1 request by status code (401s and malformed bodies included)."""
+    """Counts and traces every /v1 request by status code (401s and malformed bodies included).
+
+    What only the ingress learns (the model asked for, the key's name, streaming, token counts,
+    time to first token) reaches it through the request's state (`scope["state"]`).
+    """
 
     def __init__(self, app: Any, *, tenant: str, deployment: str) -> None:
         self.app = app
@@ -153,6 +159,7 @@ class UsageMiddleware:
             await self.app(scope, receive, send)
             return
         status = 500
+        span = self._start_span(scope)
 
         async def send_and_observe(message: Any) -> None:
             nonlocal status
@@ -161,10 +168,12 @@ class UsageMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_observe)
+            with trace.use_span(span, end_on_exit=False, record_exception=True):
+                await self.app(scope, receive, send_and_observe)
         finally:
             state = scope.get("state") or {}
             code = state.get("stream_error_code") or status
+            self._end_span(span, scope, state, int(code))
             tags = {
                 "tenant": self.tenant,
                 "deployment": self.deployment,
@@ -176,6 +185,49 @@ class UsageMiddleware:
             metrics.requests.inc(1, tags)
             if int(code) >= 400:
                 metrics.errors.inc(1, tags)
+
+    def _start_span(self, scope: Scope) -> trace.Span:
+        tracer = tracing.tracer()
+        method = scope.get("method", "")
+        if isinstance(tracer, trace.NoOpTracer):
+            return trace.INVALID_SPAN  # tracing off: no context parsing, no attributes
+        return tracer.start_span(
+            # Renamed after routing to "{method} {route}"; before that the path is unmatched.
+            method,
+            context=tracing.incoming_context(scope.get("headers") or []),
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "http.request.method": method,
+                "url.path": scope["path"],
+                "url.scheme": scope.get("scheme", "http"),
+                "tramontane.tenant": self.tenant,
+                "tramontane.deployment": self.deployment,
+            },
+        )
+
+    @staticmethod
+    def _end_span(span: trace.Span, scope: Scope, state: dict[str, Any], code: int) -> None:
+        if not span.is_recording():
+            return
+        route = getattr(scope.get("route"), "path", None)
+        if route:
+            span.update_name(f"{scope.get('method', '')} {route}")
+            span.set_attribute("http.route", route)
+        span.set_attribute("http.response.status_code", code)
+        observed = {
+            "tramontane.model": state.get("model"),
+            "tramontane.api_key": state.get("api_key"),
+            "tramontane.streaming": state.get("streaming"),
+            "tramontane.time_to_first_token_s": state.get("time_to_first_token"),
+            "gen_ai.usage.input_tokens": state.get("prompt_tokens"),
+            "gen_ai.usage.output_tokens": state.get("completion_tokens"),
+        }
+        span.set_attributes({key: value for key, value in observed.items() if value is not None})
+        if code >= 500:
+            # Server spans: 5xx are the server's errors, 4xx the client's (semantic conventions).
+            span.set_attribute("error.type", str(code))
+            span.set_status(trace.StatusCode.ERROR)
+        span.end()
 
 
 class StreamAccounting:
@@ -198,11 +250,21 @@ class StreamAccounting:
         self.first_text = True
         self.metrics = usage_metrics()
 
+    def _note(self, **observed: Any) -> None:
+        """For the request's span (UsageMiddleware reads the state when the response is sent)."""
+        if self.state is not None:
+            for key, value in observed.items():
+                setattr(self.state, key, value)
+
     def count_response(self, response: Any) -> None:
         usage = getattr(response, "usage", None)
         if usage is not None:
             self.metrics.prompt_tokens.inc(usage.prompt_tokens or 0, self.tags)
             self.metrics.completion_tokens.inc(usage.completion_tokens or 0, self.tags)
+            self._note(
+                prompt_tokens=usage.prompt_tokens or 0,
+                completion_tokens=usage.completion_tokens or 0,
+            )
 
     def pass_packets(self, packets: list[Any]) -> list[Any]:
         kept = []
@@ -217,11 +279,13 @@ class StreamAccounting:
                 self.first_text = False
                 elapsed = time.perf_counter() - self.arrived
                 self.metrics.time_to_first_token.observe(elapsed, self.tags)
+                self._note(time_to_first_token=elapsed)
             text = packet if self.rename is None else packet.replace(*self.rename)
             counts = stream_usage(text)
             if counts is not None:
                 self.metrics.prompt_tokens.inc(counts[0], self.tags)
                 self.metrics.completion_tokens.inc(counts[1], self.tags)
+                self._note(prompt_tokens=counts[0], completion_tokens=counts[1])
                 if self.hide_usage and is_usage_only(text):
                     continue
             kept.append(text)
@@ -314,6 +378,8 @@ class TramontaneIngress(OpenAiIngress):  # type: ignore[misc]
             "api_key": getattr(state, "api_key", UNKNOWN),
         }
         streaming = bool(getattr(body, "stream", False))
+        if state is not None:
+            state.streaming = streaming
         hide_usage = False
         if streaming and call_method in ("chat", "completions"):
             options = getattr(body, "stream_options", None)

@@ -14,7 +14,7 @@ PY := $(CURDIR)/.venv/bin/python
 SPY := $(CURDIR)/.venv-serving/bin/python
 CLUSTER := $(PY) e2e/localcluster.py
 
-.PHONY: bench-operator bench-serving crds help venv venv-serving serve-down binaries cluster cluster-down cluster-status demo lint format test test-unit test-integration test-serving
+.PHONY: bench-operator bench-serving crds help venv venv-serving serve-down binaries otelcol prometheus cluster cluster-down cluster-status demo lint format test test-unit test-integration test-serving
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -27,6 +27,12 @@ venv-serving: ## Create/reuse the serving environment (Ray Serve LLM + vLLM CPU)
 
 binaries: ## Build the control-plane binaries from Go modules (once per pinned version)
 	@e2e/build.sh all
+
+otelcol: ## Build only the OpenTelemetry Collector that the span tests export to (part of binaries)
+	@e2e/build.sh otelcol
+
+prometheus: ## Fetch only the Prometheus server and promtool of the metrics tests (Debian's; part of binaries)
+	@e2e/build.sh prometheus
 
 cluster: venv binaries ## Start the local cluster (or reuse a running one); kubeconfig at .cluster/kubeconfig
 	@$(CLUSTER) up
@@ -44,9 +50,11 @@ demo: cluster venv-serving ## The main job: tenant + ModelDeployment on the loca
 serve-down: venv-serving ## Stop the local Ray instance of `make demo` (the serving endpoint)
 	@$(SPY) e2e/localray.py down
 
-crds: venv ## Regenerate crds/ and policies/admission/ from the code (a test fails when stale)
+crds: venv ## Regenerate crds/ and policies/admission/ from the code, copy them into the chart (tests fail when stale)
 	@$(PY) -m tramontane.cli crds --output crds
 	@$(PY) -m tramontane.cli admission-policies --output policies/admission
+	@cp crds/*.yaml charts/tramontane/crds/
+	@cp policies/admission/*.yaml charts/tramontane/files/admission/
 
 bench-operator: cluster ## Benchmark: N=100 and N=1000 ModelDeployments to Reconciled, operator RSS
 	@$(PY) e2e/bench_operator.py --sizes $${BENCH_SIZES:-100,1000}
@@ -68,11 +76,11 @@ format: venv ## Apply ruff's formatting and safe fixes
 test: venv venv-serving binaries lint ## The whole suite: lint, unit, integration and serving tests
 	@$(SPY) -m pytest
 
-test-unit: venv-serving ## Unit tests only (no cluster, no engine)
+test-unit: venv-serving prometheus ## Unit tests only (no cluster, no engine; promtool checks the alert rules)
 	@$(SPY) -m pytest -m "not integration and not serving"
 
 test-integration: venv-serving binaries ## Integration tests on the local cluster
 	@$(SPY) -m pytest -m integration
 
-test-serving: venv-serving ## Serving tests: the real engine on a local Ray instance
+test-serving: venv-serving otelcol prometheus ## Serving tests: the real engine on a local Ray instance
 	@$(SPY) -m pytest -m serving

@@ -91,7 +91,44 @@ fetch_prometheus_operator_crds() {
 }
 
 build_helm() {
-  GOBIN="$1" go install -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$2"
+  # Stamped as upstream's Makefile does: without the Kubernetes version, `helm template` assumes
+  # v1.20 and refuses our chart's kubeVersion; without the version, `helm version` says "v3.x".
+  local src client_go major minor
+  src="$(module_dir "helm.sh/helm/v3@$2")"
+  client_go="$(sed -n 's/^\tk8s.io\/client-go v0\.\([0-9]*\)\.[0-9]*$/\1/p' "$src/go.mod")"
+  major=1 minor="$client_go"
+  local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$2"
+  for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ldflags+=" -X $pkg.k8sVersionMajor=$major -X $pkg.k8sVersionMinor=$minor"
+  done
+  GOBIN="$1" go install -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$2"
+}
+
+build_otelcol() {
+  # The wrapper module pins every collector module; the cache key must name the same release.
+  if ! grep -q "^[[:space:]]go.opentelemetry.io/collector/otelcol $2\$" "$here/otelcol/go.mod"; then
+    echo "error: e2e/otelcol/go.mod does not require go.opentelemetry.io/collector/otelcol $2 (OTELCOL_VERSION)" >&2
+    return 1
+  fi
+  (cd "$here/otelcol" && go build -ldflags "-s -w -X main.version=$2" -o "$1/otelcol" .)
+}
+
+fetch_prometheus() {
+  # Debian's build (server and promtool, as a platform team would install it), unpacked rather
+  # than installed: no root, no service. Its binaries need only libc.
+  local out="$1" version="$2"
+  if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then
+    echo "error: the Prometheus of the metrics tests is Debian's package; apt-get and dpkg-deb are required" >&2
+    return 1
+  fi
+  if ! (cd "$out" && apt-get download "prometheus=$version"); then
+    echo "error: apt-get could not download prometheus=$version (PROMETHEUS_DEB_VERSION); run 'apt-get update' if the package lists are missing" >&2
+    return 1
+  fi
+  dpkg-deb -x "$out"/prometheus_*.deb "$out/deb"
+  mkdir -p "$out/bin"
+  mv "$out/deb/usr/bin/prometheus" "$out/deb/usr/bin/promtool" "$out/bin/"
+  rm -rf "$out/deb" "$out"/prometheus_*.deb
 }
 
 mkdir -p "$cache"
@@ -104,12 +141,17 @@ for target in "${targets[@]}"; do
       install_dir kwok "$KWOK_VERSION" build_kwok
       install_dir kuberay "$KUBERAY_VERSION" build_kuberay
       install_dir prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" fetch_prometheus_operator_crds
+      install_dir helm "$HELM_VERSION" build_helm
+      install_dir otelcol "$OTELCOL_VERSION" build_otelcol
+      install_dir prometheus "$PROMETHEUS_DEB_VERSION" fetch_prometheus
       ;;
     etcd) install_dir etcd "$ETCD_VERSION" build_etcd ;;
     kubernetes) install_dir kubernetes "$KUBERNETES_VERSION" build_kubernetes ;;
     kwok) install_dir kwok "$KWOK_VERSION" build_kwok ;;
     kuberay) install_dir kuberay "$KUBERAY_VERSION" build_kuberay ;;
     helm) install_dir helm "$HELM_VERSION" build_helm ;;
+    otelcol) install_dir otelcol "$OTELCOL_VERSION" build_otelcol ;;
+    prometheus) install_dir prometheus "$PROMETHEUS_DEB_VERSION" fetch_prometheus ;;
     *) echo "error: unknown build target '$target'" >&2; exit 2 ;;
   esac
 done

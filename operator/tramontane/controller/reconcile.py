@@ -37,7 +37,7 @@ from tramontane.render.tenant import POLICY_LABEL, TENANT_LABEL
 log = logging.getLogger(__name__)
 CONTROLLER_NAME = "tramontane.dev/operator"
 KIND = "ModelDeployment"
-condition_counts = telemetry.ConditionCounts(KIND)
+condition_counts = telemetry.DeploymentConditions(KIND)
 
 _EVENT_REASONS = {
     ("Reconciled", ConditionStatus.FALSE): ("Warning", "ReconcileFailed"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -47,21 +48,69 @@ MANAGED = Gauge(
 )
 BUILD_INFO = Gauge("tramontane_build_info", "Operator version.", ["version"], registry=REGISTRY)
 BUILD_INFO.labels(version=__version__).set(1)
+# Per object, for alerts that must name the deployment (kube-state-metrics' *_status_condition
+# convention: one series per status, 1 for the one the condition has). `tenant` is the namespace,
+# as on the serving app's metrics.
+DEPLOYMENT_CONDITION = Gauge(
+    "tramontane_modeldeployment_status_condition",
+    "1 for the status a ModelDeployment's condition has, 0 for the other statuses.",
+    ["tenant", "deployment", "condition", "status"],
+    registry=REGISTRY,
+)
+TENANT_GPU_QUOTA = Gauge(
+    "tramontane_tenant_gpu_quota",
+    "GPUs the tenant may use (spec.quota.gpus).",
+    ["tenant"],
+    registry=REGISTRY,
+)
+TENANT_GPU_REQUESTED = Gauge(
+    "tramontane_tenant_gpu_requested",
+    "GPUs counted against the tenant's quota: each of its ModelDeployments at its autoscaling "
+    "maximum (maxReplicas x accelerator.count), as the admission webhook counts them.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+TENANT_DEPLOYMENT_QUOTA = Gauge(
+    "tramontane_tenant_model_deployment_quota",
+    "ModelDeployments the tenant may have (spec.quota.modelDeployments).",
+    ["tenant"],
+    registry=REGISTRY,
+)
+TENANT_DEPLOYMENTS = Gauge(
+    "tramontane_tenant_model_deployments",
+    "ModelDeployments in the tenant's namespace.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+_TENANT_GAUGES = (
+    TENANT_GPU_QUOTA,
+    TENANT_GPU_REQUESTED,
+    TENANT_DEPLOYMENT_QUOTA,
+    TENANT_DEPLOYMENTS,
+)
+STATUSES = ("True", "False", "Unknown")
 
 
 class ConditionCounts:
-    """Tracks each object's conditions so the MANAGED gauge counts objects, not events."""
+    """Tracks each object's conditions so the MANAGED gauge counts objects, not events.
+
+    A kind's reconcile series exist from the start, at 0: an error rate (and its alert) then reads
+    0 rather than nothing until the first error.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._lock = threading.Lock()
         self._by_object: dict[str, dict[str, str]] = {}
+        for result in ("success", "error"):
+            RECONCILES.labels(kind, result)
+        RECONCILE_DURATION.labels(kind)
 
     def update(self, key: str, conditions: dict[str, str] | None) -> None:
+        """Record an object's conditions (type → status); None: the object is gone."""
         with self._lock:
-            if conditions is None:
-                self._by_object.pop(key, None)
-            else:
+            previous = self._by_object.pop(key, None)
+            if conditions is not None:
                 self._by_object[key] = conditions
             totals: dict[tuple[str, str], int] = {}
             for object_conditions in self._by_object.values():
@@ -69,10 +118,61 @@ class ConditionCounts:
                     totals[(condition, status)] = totals.get((condition, status), 0) + 1
             seen_types = {condition for condition, _ in totals}
             for condition in seen_types:
-                for status in ("True", "False", "Unknown"):
+                for status in STATUSES:
                     MANAGED.labels(self.kind, condition, status).set(
                         totals.get((condition, status), 0)
                     )
+            self._object_changed(key, previous or {}, conditions)
+
+    def _object_changed(
+        self, key: str, previous: dict[str, str], conditions: dict[str, str] | None
+    ) -> None:
+        """Hook for a kind's per-object series (called under the lock)."""
+
+
+class DeploymentConditions(ConditionCounts):
+    """ModelDeployments (keys `namespace/name`): counts, and each one's conditions."""
+
+    def _object_changed(
+        self, key: str, previous: dict[str, str], conditions: dict[str, str] | None
+    ) -> None:
+        tenant, _, deployment = key.partition("/")
+        current = conditions or {}
+        for condition in previous.keys() - current.keys():
+            for status in STATUSES:
+                DEPLOYMENT_CONDITION.remove(tenant, deployment, condition, status)
+        for condition, value in current.items():
+            for status in STATUSES:
+                DEPLOYMENT_CONDITION.labels(tenant, deployment, condition, status).set(
+                    1 if status == value else 0
+                )
+
+
+class TenantMetrics(ConditionCounts):
+    """Tenants: condition counts, and each one's quota and what is counted against it."""
+
+    def quota(
+        self,
+        tenant: str,
+        *,
+        gpus: int,
+        gpus_requested: int,
+        deployments: int,
+        deployments_in_use: int,
+    ) -> None:
+        with self._lock:
+            TENANT_GPU_QUOTA.labels(tenant).set(gpus)
+            TENANT_GPU_REQUESTED.labels(tenant).set(gpus_requested)
+            TENANT_DEPLOYMENT_QUOTA.labels(tenant).set(deployments)
+            TENANT_DEPLOYMENTS.labels(tenant).set(deployments_in_use)
+
+    def _object_changed(
+        self, key: str, previous: dict[str, str], conditions: dict[str, str] | None
+    ) -> None:
+        if conditions is None:  # the tenant is gone: so are its series
+            for gauge in _TENANT_GAUGES:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(key)
 
 
 def setup_tracing(exporter: SpanExporter | None = None) -> TracerProvider:

@@ -19,7 +19,7 @@ from tramontane.render.tenant import TENANT_LABEL, TenantOptions, render_tenant
 
 log = logging.getLogger(__name__)
 KIND = "Tenant"
-condition_counts = telemetry.ConditionCounts(KIND)
+condition_counts = telemetry.TenantMetrics(KIND)
 
 
 def _quota_computed(quota: dict[str, Any]) -> bool:
@@ -98,4 +98,11 @@ def reconcile_tenant(kube: Kube, body: dict[str, Any], options: TenantOptions) -
         if previous is None or previous.to_wire() != status.to_wire():
             kube.patch_status(TENANT, None, tenant.name, status.to_wire())
         condition_counts.update(tenant.name, {"Ready": ready.status.value})
+        condition_counts.quota(
+            tenant.name,
+            gpus=tenant.spec.quota.gpus,
+            gpus_requested=status.gpus_in_use,
+            deployments=tenant.spec.quota.model_deployments,
+            deployments_in_use=status.model_deployments,
+        )
         telemetry.RECONCILES.labels(KIND, result).inc()

@@ -121,7 +121,9 @@ fetch_prometheus() {
     echo "error: the Prometheus of the metrics tests is Debian's package; apt-get and dpkg-deb are required" >&2
     return 1
   fi
-  if ! (cd "$out" && apt-get download "prometheus=$version"); then
+  # A fresh machine may have no package lists yet: fetch them once (as root) and retry.
+  if ! (cd "$out" && apt-get download "prometheus=$version") \
+     && ! { [[ $EUID -eq 0 ]] && apt-get update -q && (cd "$out" && apt-get download "prometheus=$version"); }; then
     echo "error: apt-get could not download prometheus=$version (PROMETHEUS_DEB_VERSION); run 'apt-get update' if the package lists are missing" >&2
     return 1
   fi

@@ -76,3 +76,22 @@ def eventually(
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+def tenant_manifest(
+    name: str, policy: str, gpus: int = 64, deployments: int = 30, **spec: Any
+) -> dict[str, Any]:
+    """A Tenant whose namespace is its name, with admins and a reader."""
+    return {
+        "apiVersion": "tramontane.dev/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": name},
+        "spec": {
+            "namespace": name,
+            "residencyPolicy": policy,
+            "quota": {"gpus": gpus, "modelDeployments": deployments},
+            "admins": {"groups": [f"{name}-admins"]},
+            "members": {"users": [f"reader@{name}.example"]},
+            **spec,
+        },
+    }

@@ -13,13 +13,13 @@ import json
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import localcluster
+from tests.processes import start_process, stop_process
 
 
 @dataclass(frozen=True)
@@ -95,29 +95,18 @@ class Collector:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "config.yaml"
         config.write_text(json.dumps(self.config()))  # JSON is YAML
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(binary()), f"--config=file:{config}"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "GOMAXPROCS": "1"},
-            )
-        deadline = time.monotonic() + timeout
-        while not _listening(self.http_port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the collector did not start: see {self.log_path}")
-            time.sleep(0.1)
+        self.process = start_process(
+            [str(binary()), f"--config=file:{config}"],
+            self.log_path,
+            lambda: _listening(self.http_port),
+            "the collector",
+            timeout=timeout,
+            env={**os.environ, "GOMAXPROCS": "1"},
+        )
         return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, grace=10)
 
     def spans(self) -> list[ReceivedSpan]:
         if not self.output.exists():

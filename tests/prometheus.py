@@ -16,7 +16,6 @@ import json
 import re
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,6 +27,7 @@ from typing import Any
 import yaml
 
 import localcluster
+from tests.processes import start_process, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 CHART_FILES = REPO / "charts" / "tramontane" / "files"
@@ -83,33 +83,22 @@ class Prometheus:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "prometheus.yml"
         config.write_text(json.dumps(self.config()))  # JSON is YAML
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(binary("prometheus")),
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={self.workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while not self._ready():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Prometheus did not start: see {self.log_path}")
-            time.sleep(0.2)
+        self.process = start_process(
+            [
+                str(binary("prometheus")),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            self.log_path,
+            self._ready,
+            "Prometheus",
+            timeout=timeout,
+        )
         return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, grace=15)
 
     def _ready(self) -> bool:
         try:
@@ -217,9 +206,9 @@ def substitute(expr: str, values: dict[str, list[str]], multi: set[str]) -> str:
     def value(name: str) -> str | None:
         if name in INTERVALS:
             return INTERVALS[name]
-        if name not in values:
+        chosen = values.get(name)
+        if not chosen:  # unknown, or no value yet: left for the caller to see
             return None
-        chosen = values[name]
         if name not in multi:
             return chosen[0]
         escaped = [_REGEX_SPECIAL.sub(lambda m: "\\\\" + m.group(0), v) for v in chosen]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube import Kubectl, eventually
+from tests.kube import Kubectl, eventually, tenant_manifest
 from tests.otelcol import Collector
 
 HERE = Path(__file__).resolve().parent
@@ -57,8 +57,8 @@ class OperatorProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        env = {
+    def environment(self) -> dict[str, str]:
+        return {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "TRAMONTANE_METRICS_PORT": str(self.port),
@@ -68,10 +68,12 @@ class OperatorProcess:
             "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "200",
         }
+
+    def start(self) -> None:
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tramontane.controller"],
-                env=env,
+                env=self.environment(),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
@@ -124,18 +126,7 @@ def tenant_namespace(operator: OperatorProcess, crds: Kubectl) -> Iterator[str]:
     """A fresh namespace of an unrestricted Tenant (ModelDeployments live only in tenants')."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     crds.run("apply", "-f", str(HERE.parent.parent / "policies/presets/unrestricted.yaml"))
-    tenant = {
-        "apiVersion": "tramontane.dev/v1alpha1",
-        "kind": "Tenant",
-        "metadata": {"name": name},
-        "spec": {
-            "namespace": name,
-            "residencyPolicy": "unrestricted",
-            "quota": {"gpus": 512, "modelDeployments": 100},
-            "admins": {"groups": [f"{name}-admins"]},
-        },
-    }
-    crds.apply(tenant)
+    crds.apply(tenant_manifest(name, "unrestricted", gpus=512, deployments=100))
     crds.run("wait", f"tenant/{name}", "--for=condition=Ready", "--timeout=60s")
     yield name
     # Deployments first: the webhook refuses to delete a Tenant that still has some.

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,9 +26,9 @@ import pytest
 import yaml
 
 import localcluster
-from tests.integration.conftest import OperatorProcess, _free_port, _http_status
+from tests.integration.conftest import OperatorProcess, _free_port
 from tests.integration.test_operator import get, sample, wait_ready
-from tests.kube import Kubectl, eventually
+from tests.kube import Kubectl, eventually, tenant_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tramontane"
@@ -225,45 +224,20 @@ class ChartOperator(OperatorProcess):
         super().__init__(release.token_kubeconfig(), log_path, otlp_endpoint="")
         self.release = release
         self.pod_id = pod_id
+        self.webhook_port = release.webhook_port  # the port the chart's webhook.url names
 
-    def start(self, wait_ready: bool = True) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "PYTHONPATH": str(ROOT / "operator"),
+    def environment(self) -> dict[str, str]:
+        return {
+            **super().environment(),
             "POD_ID": self.pod_id,
             "TRAMONTANE_PEERING": self.release.fullname,
-            "TRAMONTANE_METRICS_PORT": str(self.port),
-            "TRAMONTANE_METRICS_HOST": "127.0.0.1",
             "TRAMONTANE_WEBHOOK_CONFIG": "",
             "TRAMONTANE_WEBHOOK_HOST": "127.0.0.1",
-            "TRAMONTANE_WEBHOOK_PORT": str(self.release.webhook_port),
             **self.release.webhook_files(),
         }
-        env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-        with self.log_path.open("ab") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tramontane.controller"],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        if wait_ready:
-            eventually(lambda: _http_status(f"{self.url}/readyz") == 200, 60, "operator /readyz")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-def unrestricted_tenant(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "tramontane.dev/v1alpha1",
-        "kind": "Tenant",
-        "metadata": {"name": name},
-        "spec": {"namespace": name, "residencyPolicy": "unrestricted",
-                 "quota": {"gpus": 8, "modelDeployments": 4},
-                 "admins": {"groups": [f"{name}-admins"]}},
-    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +314,7 @@ def test_operator_with_the_chart_rbac_serves_a_tenant_end_to_end(release: Releas
     active.start()
     try:
         tenant = f"tc-{uuid.uuid4().hex[:6]}"
-        cluster.apply(unrestricted_tenant(tenant))
+        cluster.apply(tenant_manifest(tenant, "unrestricted", gpus=8, deployments=4))
         cluster.run("wait", f"tenant/{tenant}", "--for=condition=Ready", "--timeout=60s")
         for kind in ("resourcequota", "limitrange", "networkpolicy", "role", "rolebinding"):
             assert cluster.json("get", kind, "-n", tenant)["items"], kind
@@ -398,7 +372,7 @@ def test_a_second_replica_waits_and_takes_over(release: Release) -> None:
         first.process.wait(20)
         eventually(lambda: "Resuming operations" in second.log(), 90, "the second to resume")
         namespace = f"tc-{uuid.uuid4().hex[:6]}"
-        cluster.apply(unrestricted_tenant(namespace))
+        cluster.apply(tenant_manifest(namespace, "unrestricted", gpus=8, deployments=4))
         cluster.run("wait", f"tenant/{namespace}", "--for=condition=Ready", "--timeout=60s")
     finally:
         first.stop()

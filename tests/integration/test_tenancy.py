@@ -13,7 +13,7 @@ import yaml
 
 from tests.integration.conftest import OperatorProcess
 from tests.integration.test_operator import condition, get, sample, wait_ready
-from tests.kube import Kubectl, KubectlError, eventually
+from tests.kube import Kubectl, KubectlError, eventually, tenant_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 EU_REGIONS = {"eu-west-1", "eu-west-3", "eu-central-1", "eu-central-2", "eu-north-1",
@@ -24,22 +24,6 @@ EU_REGIONS = {"eu-west-1", "eu-west-3", "eu-central-1", "eu-central-2", "eu-nort
 def presets(crds: Kubectl) -> Kubectl:
     crds.run("apply", "-f", str(REPO / "policies" / "presets"))
     return crds
-
-
-def tenant_manifest(name: str, policy: str, gpus: int = 64, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "tramontane.dev/v1alpha1",
-        "kind": "Tenant",
-        "metadata": {"name": name},
-        "spec": {
-            "namespace": name,
-            "residencyPolicy": policy,
-            "quota": {"gpus": gpus, "modelDeployments": 30},
-            "admins": {"groups": [f"{name}-admins"]},
-            "members": {"users": [f"reader@{name}.example"]},
-            **spec,
-        },
-    }
 
 
 @pytest.fixture

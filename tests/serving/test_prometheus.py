@@ -37,7 +37,7 @@ import yaml
 
 from tests import prometheus
 from tests.integration.conftest import OperatorProcess
-from tests.kube import Kubectl, eventually
+from tests.kube import Kubectl, eventually, tenant_manifest
 from tests.otelcol import Collector
 from tests.prometheus import Prometheus
 from tests.serving.conftest import ServedApp
@@ -72,14 +72,7 @@ def tenant(cluster: Kubectl, metrics_operator: OperatorProcess) -> Iterator[str]
     """A Tenant (its name is its namespace) with a GPU quota, reconciled by the operator."""
     name = f"metrics-{uuid.uuid4().hex[:6]}"
     cluster.run("apply", "-f", str(REPO / "policies/presets/unrestricted.yaml"))
-    cluster.apply({
-        "apiVersion": "tramontane.dev/v1alpha1",
-        "kind": "Tenant",
-        "metadata": {"name": name},
-        "spec": {"namespace": name, "residencyPolicy": "unrestricted",
-                 "quota": {"gpus": 8, "modelDeployments": 5},
-                 "admins": {"groups": [f"{name}-admins"]}},
-    })  # fmt: skip
+    cluster.apply(tenant_manifest(name, "unrestricted", gpus=8, deployments=5))
     yield name
     cluster.run("delete", "md", "--all", "-n", name, "--wait=true", check=False)
     cluster.run("delete", "tenant", name, "--wait=false", check=False)

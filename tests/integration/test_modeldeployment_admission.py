@@ -251,6 +251,24 @@ INVALID = [
         "strict decoding error: unknown field",
     ),
     Invalid(
+        "head-cpu-not-a-quantity",
+        _set("spec.resources", {"head": {"cpu": "two"}}),
+        "spec.resources.head.cpu",
+        SHOULD_MATCH,
+    ),
+    Invalid(
+        "worker-memory-zero",
+        _set("spec.resources", {"worker": {"memory": "0Gi"}}),
+        "spec.resources.worker.memory",
+        "memory must be a quantity greater than zero",
+    ),
+    Invalid(
+        "worker-cpu-negative",
+        _set("spec.resources", {"worker": {"cpu": "-1"}}),
+        "spec.resources.worker.cpu",
+        SHOULD_MATCH,
+    ),
+    Invalid(
         "name-longer-than-40",
         _set("metadata.name", "llama-3-1-8b-instruct-finance-reports-eu-west"),
         "metadata.name",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 
+import pytest
+
 from tramontane.controller import peering, settings
 from tramontane.render.rayservice import RenderOptions
 from tramontane.render.tenant import TenantOptions
@@ -36,6 +38,26 @@ def test_chart_environment_reaches_the_render_options() -> None:
         settings.tenant_options({"TRAMONTANE_MONITORING_NAMESPACES": ""}).monitoring_namespaces
         == ()
     )
+
+
+def test_chart_pod_sizes_reach_the_render_options() -> None:
+    env = {
+        "TRAMONTANE_HEAD_CPU": "500m",
+        "TRAMONTANE_HEAD_MEMORY": "3Gi",
+        "TRAMONTANE_WORKER_CPU_PER_GPU": "12",
+        "TRAMONTANE_WORKER_MEMORY_PER_GPU": "80Gi",
+        "TRAMONTANE_CPU_WORKER_CPU": "1500m",
+        "TRAMONTANE_CPU_WORKER_MEMORY": "6Gi",
+    }
+    render = settings.render_options(env)
+    assert (render.head_cpu, render.head_memory) == ("500m", "3Gi")
+    assert (render.cpu_per_gpu, render.memory_per_gpu) == ("12", "80Gi")
+    assert (render.cpu_worker_cpu, render.cpu_worker_memory) == ("1500m", "6Gi")
+
+
+def test_a_bad_pod_size_stops_the_operator_with_the_variable_named() -> None:
+    with pytest.raises(ValueError, match="TRAMONTANE_HEAD_MEMORY='8 GB' is not a Kubernetes"):
+        settings.render_options({"TRAMONTANE_HEAD_MEMORY": "8 GB"})
 
 
 def _record(priority: int, seconds_ago: int, lifetime: int = 60) -> dict[str, object]:

@@ -17,6 +17,7 @@ from tramontane.render.rayservice import (
     render_children,
     render_podmonitor,
     render_rayservice,
+    scaled_quantity,
 )
 from tramontane.render.status import Observed, compute_status, transitions
 from tramontane.serving.app import parse_args
@@ -92,6 +93,64 @@ def test_cpu_accelerator_has_no_gpu_request_toleration_or_affinity() -> None:
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
     assert "tolerations" not in pod
     assert "affinity" not in pod
+
+
+def _pod_resources(rayservice: dict[str, Any]) -> dict[str, dict[str, dict[str, str]]]:
+    config = rayservice["spec"]["rayClusterConfig"]
+    groups = {"head": config["headGroupSpec"], "worker": config["workerGroupSpecs"][0]}
+    return {
+        name: group["template"]["spec"]["containers"][0]["resources"]
+        for name, group in groups.items()
+    }
+
+
+def test_pod_sizes_default_to_the_installation_and_gpu_workers_grow_with_the_gpus() -> None:
+    options = RenderOptions(
+        head_cpu="500m", head_memory="3Gi", cpu_per_gpu="1500m", memory_per_gpu="48Gi"
+    )
+    resources = _pod_resources(
+        render_rayservice(md(accelerator={"type": "H100", "count": 2}), options)
+    )
+    assert resources["head"]["requests"] == {"cpu": "500m", "memory": "3Gi"}
+    assert resources["worker"]["requests"] == {
+        "cpu": "3000m",
+        "memory": "96Gi",
+        "nvidia.com/gpu": "2",
+    }
+    # Requests = limits: Guaranteed QoS, the engine sizes itself from what it was given.
+    for pod in resources.values():
+        assert pod["requests"] == pod["limits"]
+
+
+def test_a_deployment_sets_its_own_pod_sizes_and_keeps_the_defaults_it_leaves_out() -> None:
+    deployment = md(
+        accelerator={"type": "CPU", "count": 0},
+        resources={"head": {"memory": "2500Mi"}, "worker": {"cpu": "1500m", "memory": "6Gi"}},
+    )
+    options = RenderOptions(head_cpu="250m", cpu_worker_cpu="3", cpu_worker_memory="12Gi")
+    resources = _pod_resources(render_rayservice(deployment, options))
+    assert resources["head"]["limits"] == {"cpu": "250m", "memory": "2500Mi"}
+    assert resources["worker"]["limits"] == {"cpu": "1500m", "memory": "6Gi"}
+
+
+@pytest.mark.parametrize(
+    ("quantity", "factor", "scaled"),
+    [
+        ("8", 4, "32"),
+        ("500m", 3, "1500m"),
+        ("1.5", 2, "3"),
+        ("64Gi", 8, "512Gi"),
+        ("0.25", 2, "0.5"),
+    ],
+)
+def test_scaled_quantity_keeps_the_unit(quantity: str, factor: int, scaled: str) -> None:
+    assert scaled_quantity(quantity, factor) == scaled
+
+
+@pytest.mark.parametrize("bad", ["", "two", "-1", "1e3", "5 Gi", "5GB"])
+def test_scaled_quantity_refuses_what_is_not_a_plain_quantity(bad: str) -> None:
+    with pytest.raises(ValueError, match="not a plain Kubernetes quantity"):
+        scaled_quantity(bad, 2)
 
 
 def test_scale_sets_initial_replicas_of_workers_and_serve() -> None:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from tramontane.api.base import API_VERSION, ApiModel, cel, immutable, rules
+from tramontane.api.base import API_VERSION, ApiModel, cel, immutable, rules, validations
 from tramontane.api.conditions import Condition
 
 # s3://bucket/key, gs://bucket/key, pvc://claim/path, hf://org/name: what the serving runtime can
@@ -192,6 +192,47 @@ class Scaling(ApiModel):
     )
 
 
+# A Kubernetes resource quantity without sign or exponent: 500m, 2, 1.5, 512Mi, 16Gi, 64G.
+QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+
+
+def _quantity(what: str, example: str) -> Any:
+    return Field(
+        default=None,
+        max_length=32,
+        pattern=QUANTITY_PATTERN,
+        description=f"{what} of the pod (requests = limits), a Kubernetes quantity such as "
+        f"{example}. Unset: the installation's default.",
+        json_schema_extra=validations(
+            cel(
+                "quantity(self).isGreaterThan(quantity('0'))",
+                f"{what.lower()} must be a quantity greater than zero",
+            )
+        ),
+    )
+
+
+class PodResources(ApiModel):
+    """CPU and memory of one kind of Ray pod; GPUs come from `accelerator`."""
+
+    cpu: str | None = _quantity("CPU", "500m or 4")
+    memory: str | None = _quantity("Memory", "6Gi")
+
+
+class Resources(ApiModel):
+    """CPU and memory of the Ray pods."""
+
+    head: PodResources = Field(
+        default_factory=PodResources,
+        description="The Ray head pod (GCS, Serve controller and proxy; no model replica).",
+    )
+    worker: PodResources = Field(
+        default_factory=PodResources,
+        description="Each worker pod, i.e. each serving replica (its vLLM engine and its "
+        "accelerators). The default for GPU workers grows with accelerator.count.",
+    )
+
+
 class ModelDeploymentSpec(ApiModel):
     """What to serve, on what hardware, at what scale."""
 
@@ -237,6 +278,11 @@ class ModelDeploymentSpec(ApiModel):
         default_factory=Scaling,
         description=Scaling.__doc__,
         json_schema_extra={"default": Scaling().to_wire()},
+    )
+    resources: Resources = Field(
+        default_factory=Resources,
+        description="CPU and memory of the Ray pods. Unset values come from the installation's "
+        "defaults (the Helm chart's serving.resources), so most deployments leave this out.",
     )
     replicas: int | None = Field(
         default=None,

@@ -10,8 +10,18 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from tramontane.render.rayservice import RenderOptions
+from tramontane.render.rayservice import RenderOptions, scaled_quantity
 from tramontane.render.tenant import TenantOptions
+
+# Default Ray pod sizes (the chart's serving.resources): variable → RenderOptions field.
+POD_SIZE_VARIABLES = {
+    "TRAMONTANE_HEAD_CPU": "head_cpu",
+    "TRAMONTANE_HEAD_MEMORY": "head_memory",
+    "TRAMONTANE_WORKER_CPU_PER_GPU": "cpu_per_gpu",
+    "TRAMONTANE_WORKER_MEMORY_PER_GPU": "memory_per_gpu",
+    "TRAMONTANE_CPU_WORKER_CPU": "cpu_worker_cpu",
+    "TRAMONTANE_CPU_WORKER_MEMORY": "cpu_worker_memory",
+}
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -27,6 +37,15 @@ def render_options(env: Mapping[str, str] = os.environ) -> RenderOptions:
         updates["cluster_domain"] = env["TRAMONTANE_CLUSTER_DOMAIN"]
     if env.get("TRAMONTANE_SERVING_OTLP_ENDPOINT"):
         updates["otlp_endpoint"] = env["TRAMONTANE_SERVING_OTLP_ENDPOINT"]
+    for variable, field in POD_SIZE_VARIABLES.items():
+        if value := env.get(variable, "").strip():
+            try:
+                scaled_quantity(value, 1)
+            except ValueError:
+                raise ValueError(
+                    f"{variable}={value!r} is not a Kubernetes quantity such as 500m, 4 or 16Gi"
+                ) from None
+            updates[field] = value
     return dataclasses.replace(options, **updates)  # type: ignore[arg-type]
 
 

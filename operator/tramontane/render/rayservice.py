@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import yaml
@@ -41,13 +43,15 @@ class RenderOptions:
     serving_image: str = "ghcr.io/tramontane-dev/serving:0.1.0"
     ray_version: str = "2.60.0"
     cluster_domain: str = "cluster.local"
-    # Per GPU of a worker; CPU-only workers get the cpu_worker_* sizes.
-    cpu_per_gpu: int = 8
-    memory_gib_per_gpu: int = 64
-    cpu_worker_cpu: int = 4
-    cpu_worker_memory_gib: int = 16
-    head_cpu: int = 2
-    head_memory_gib: int = 8
+    # Default pod sizes (Kubernetes quantities), for what a ModelDeployment's spec.resources
+    # leaves unset. GPU workers get the per-GPU sizes times accelerator.count; CPU-only workers
+    # get the cpu_worker_* sizes.
+    cpu_per_gpu: str = "8"
+    memory_per_gpu: str = "64Gi"
+    cpu_worker_cpu: str = "4"
+    cpu_worker_memory: str = "16Gi"
+    head_cpu: str = "2"
+    head_memory: str = "8Gi"
     # OTLP/HTTP endpoint that the serving app sends its request spans to, e.g.
     # http://otel-collector.observability:4318; None: the serving app exports no spans.
     otlp_endpoint: str | None = None
@@ -121,8 +125,21 @@ def serve_config(md: ModelDeployment, args: ServingArgs | None = None) -> dict[s
     }
 
 
-def _resources(cpu: int, memory_gib: int, gpus: int) -> dict[str, Any]:
-    amounts: dict[str, str] = {"cpu": str(cpu), "memory": f"{memory_gib}Gi"}
+_QUANTITY = re.compile(r"^(?P<number>[0-9]*\.?[0-9]+)(?P<suffix>m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
+
+
+def scaled_quantity(quantity: str, factor: int) -> str:
+    """`quantity` times `factor`, in the same unit: ("500m", 4) → "2000m", ("64Gi", 2) → "128Gi"."""
+    match = _QUANTITY.match(quantity)
+    if match is None:
+        raise ValueError(f"not a plain Kubernetes quantity: {quantity!r}")
+    number = Decimal(match["number"]) * factor
+    return f"{number.normalize():f}{match['suffix'] or ''}"
+
+
+def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
+    """Requests = limits (Guaranteed QoS): a vLLM engine sizes itself from what it was given."""
+    amounts: dict[str, str] = {"cpu": cpu, "memory": memory}
     limits = dict(amounts)
     if gpus:
         amounts[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
@@ -217,10 +234,11 @@ def _head_group(
     md: ModelDeployment, options: RenderOptions, placement: list[dict[str, Any]]
 ) -> dict[str, Any]:
     volumes, mounts = _volumes(md)
+    head = md.spec.resources.head
     container = _container(
         "ray-head",
         options,
-        _resources(options.head_cpu, options.head_memory_gib, 0),
+        _resources(head.cpu or options.head_cpu, head.memory or options.head_memory, 0),
         [
             _port("gcs", 6379),
             _port("dashboard", 8265),
@@ -266,10 +284,13 @@ def _worker_group(
 ) -> dict[str, Any]:
     spec = md.spec
     gpus = spec.accelerator.gpus
+    worker = spec.resources.worker
     if gpus:
-        resources = _resources(options.cpu_per_gpu * gpus, options.memory_gib_per_gpu * gpus, gpus)
+        default_cpu = scaled_quantity(options.cpu_per_gpu, gpus)
+        default_memory = scaled_quantity(options.memory_per_gpu, gpus)
     else:
-        resources = _resources(options.cpu_worker_cpu, options.cpu_worker_memory_gib, 0)
+        default_cpu, default_memory = options.cpu_worker_cpu, options.cpu_worker_memory
+    resources = _resources(worker.cpu or default_cpu, worker.memory or default_memory, gpus)
     volumes, mounts = _volumes(md)
     pod_spec: dict[str, Any] = {
         "securityContext": restricted_pod_security(),
@@ -328,7 +349,7 @@ def render_rayservice(
                     # Ray removes an idle worker after this; Serve's own downscale delay runs first.
                     "idleTimeoutSeconds": max(60, spec.scaling.downscale_delay_seconds),
                     "securityContext": restricted_container_security(),
-                    "resources": _resources(1, 1, 0),
+                    "resources": _resources("1", "1Gi", 0),
                 },
                 "headGroupSpec": _head_group(md, options, placement),
                 "workerGroupSpecs": [_worker_group(md, options, placement)],

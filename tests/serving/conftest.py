@@ -22,7 +22,7 @@ from tests.otelcol import Collector
 from tramontane.api.serving import ServingArgs
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.render.rayservice import SERVE_PORT, serve_config
-from tramontane.serving.testmodel import ensure_adapter, ensure_model
+from tramontane.serving.testmodel import ensure_adapter, ensure_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "config" / "samples" / "modeldeployment.yaml"
@@ -58,6 +58,12 @@ class ServedApp:
 @pytest.fixture(scope="session")
 def test_model() -> Path:
     return ensure_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(test_model: Path) -> Any:
+    """The test model's tokenizer, to compute what the model must answer (its design is known)."""
+    return load_tokenizer(test_model)
 
 
 @pytest.fixture(scope="session")

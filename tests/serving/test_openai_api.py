@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.kube import eventually
 from tests.serving.conftest import ServedApp
+from tramontane.serving.testmodel import greedy_continuation
 
 pytestmark = pytest.mark.serving
 
@@ -58,15 +59,28 @@ def test_models_lists_the_base_model_and_its_adapters(sample_app: ServedApp) -> 
         assert one.json()["id"] == sample_app.adapters[0]
 
 
-def test_chat_completion_non_streaming(sample_app: ServedApp) -> None:
+def expected_text(
+    tokenizer: Any, prompt_ids: list[int], max_tokens: int, adapter: str | None = None
+) -> str:
+    """What greedy decoding of the test model answers: its weights are built to decide each
+    token by a wide margin (tramontane.serving.testmodel), so this holds on any CPU."""
+    return str(tokenizer.decode(greedy_continuation(tokenizer, prompt_ids, max_tokens, adapter)))
+
+
+def test_chat_completion_non_streaming(sample_app: ServedApp, tokenizer: Any) -> None:
+    request = chat(sample_app.model, max_tokens=12)
     with sample_app.client() as client:
-        response = client.post("/v1/chat/completions", json=chat(sample_app.model, max_tokens=12))
+        response = client.post("/v1/chat/completions", json=request)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "chat.completion"
     assert body["model"] == sample_app.model
     assert body["choices"][0]["message"]["role"] == "assistant"
-    assert body["choices"][0]["message"]["content"]
+    # The chat template was applied: the answer continues its generation prompt.
+    prompt_ids = tokenizer.apply_chat_template(
+        request["messages"], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert body["choices"][0]["message"]["content"] == expected_text(tokenizer, prompt_ids, 12)
     assert body["usage"]["completion_tokens"] == 12
     assert body["usage"]["prompt_tokens"] > 0
 
@@ -103,7 +117,7 @@ def test_streaming_usage_is_passed_on_when_asked_for(sample_app: ServedApp) -> N
     assert usage[-1]["completion_tokens"] == 9
 
 
-def test_completions_streaming_and_not(sample_app: ServedApp) -> None:
+def test_completions_streaming_and_not(sample_app: ServedApp, tokenizer: Any) -> None:
     request = {
         "model": sample_app.model,
         "prompt": "The tramontane is a wind",
@@ -122,11 +136,14 @@ def test_completions_streaming_and_not(sample_app: ServedApp) -> None:
             events = sse_events(stream)
     assert events[-1] == "[DONE]"
     streamed = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
-    # Greedy decoding: the streamed text is the non-streamed one.
-    assert streamed == body["choices"][0]["text"]
+    # Greedy decoding: the streamed text is the non-streamed one, and both are what the model
+    # is built to answer.
+    expected = expected_text(tokenizer, tokenizer(request["prompt"])["input_ids"], 10)
+    assert body["choices"][0]["text"] == expected
+    assert streamed == expected
 
 
-def test_lora_adapter_is_selected_by_its_name(sample_app: ServedApp) -> None:
+def test_lora_adapter_is_selected_by_its_name(sample_app: ServedApp, tokenizer: Any) -> None:
     prompt = {
         "prompt": "Quarterly revenue of",
         "max_tokens": 16,
@@ -140,8 +157,15 @@ def test_lora_adapter_is_selected_by_its_name(sample_app: ServedApp) -> None:
     for response in (base, adapter, other):
         assert response.status_code == 200, response.text
     texts = [r.json()["choices"][0]["text"] for r in (base, adapter, other)]
-    # The adapters' weights change the greedy output: three different continuations.
-    assert len(set(texts)) == 3, texts
+    # Each test adapter forces a token of its own at every step; the base model continues the
+    # prompt. So each name must give exactly its model's text, not just a different one.
+    prompt_ids = tokenizer(prompt["prompt"])["input_ids"]
+    expected = [
+        expected_text(tokenizer, prompt_ids, 16, adapter=name)
+        for name in (None, "finance-reports", "contracts-legal")
+    ]
+    assert len(set(expected)) == 3, expected
+    assert texts == expected
 
 
 @pytest.mark.parametrize(

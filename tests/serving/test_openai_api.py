@@ -23,7 +23,7 @@ def chat(model: str, content: str = "Bonjour", max_tokens: int = 8, **extra: Any
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        # vLLM's extension: generate exactly max_tokens even if the random model emits EOS.
+        # vLLM's extension: exactly max_tokens, whatever the model (real ones do emit EOS).
         "ignore_eos": True,
         **extra,
     }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the local control plane's upstream binaries from Go modules, once per pinned version.
+# Builds the local control plane's upstream binaries from Go modules, once per pinned version;
+# target `node` builds those of a real Kubernetes node (containerd, runc, kubelet, ...).
 #
 # Output goes to a cache outside the repo ($TRAMONTANE_CACHE, default ~/.cache/tramontane):
 #   bin/<component>-<version>/<binaries>     share/<component>-<version>/<manifests>
@@ -38,17 +39,23 @@ install_dir() {
 
 module_dir() { go mod download -json "$1" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p'; }
 
-build_kubernetes() {
-  local out="$1" version="$2" minor major
+# kube_ldflags VERSION: stamps versions as upstream's hack/lib/version.sh does; unstamped binaries
+# report v0.0.0.
+kube_ldflags() {
+  local version="$1" minor major ldflags="-s -w"
   major="${version#v}"; major="${major%%.*}"
   minor="${version#v*.}"; minor="${minor%%.*}"
-  local ldflags=""
-  # Stamp versions as upstream's hack/lib/version.sh does; unstamped binaries report v0.0.0.
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldflags+=" -X $pkg.gitVersion=$version -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
-  (cd "$here/kubernetes" && go build -ldflags "-s -w $ldflags" -o "$out/" \
+  echo "$ldflags"
+}
+
+build_kubernetes() {
+  local out="$1" ldflags
+  ldflags="$(kube_ldflags "$2")"
+  (cd "$here/kubernetes" && go build -ldflags "$ldflags" -o "$out/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler)
@@ -133,6 +140,104 @@ fetch_prometheus() {
   rm -rf "$out/deb" "$out"/prometheus_*.deb
 }
 
+# --- A real Kubernetes node (target `node`): containerd, runc, CNI, kubelet, kube-proxy, CoreDNS.
+
+# need_deb PACKAGE WHAT: a Debian build dependency of a node component. Installed when we are root
+# (a fresh CI machine has none of them); the package lists are fetched only if that install fails.
+need_deb() {
+  local pkg="$1" what="$2"
+  if [[ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null)" == installed ]]; then
+    return 0
+  fi
+  if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian's $pkg for $what"
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$pkg" \
+       || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$pkg"; }; then
+      return 0
+    fi
+  fi
+  echo "error: $what needs Debian's package $pkg; install it as root: apt-get install $pkg" >&2
+  return 1
+}
+
+# need_cc WHAT: a C compiler and libc's headers and static library (cgo, or plain C).
+need_cc() {
+  need_deb gcc "$1"
+  need_deb libc6-dev "$1"
+}
+
+# wrapper_pins DIR MODULE VERSION: e2e/DIR (a wrapper module) builds MODULE at VERSION, so that the
+# cache directory, named from versions.env, holds what its name says.
+wrapper_pins() {
+  local pinned
+  pinned="$(cd "$here/$1" && go list -m -f '{{.Version}}' "$2")"
+  if [[ "$pinned" != "$3" ]]; then
+    echo "error: e2e/$1/go.mod requires $2 $pinned but versions.env pins $3; change both together" >&2
+    return 1
+  fi
+}
+
+build_containerd() {
+  # Without cgo, and without the snapshotters that need host libraries (the static release's
+  # choice). The shim sits next to containerd, which looks there when the shim is not on PATH.
+  local pkg=github.com/containerd/containerd/v2
+  local ldflags="-s -w -X $pkg/version.Version=$2"
+  GOBIN="$1" go install -tags "no_btrfs no_devmapper no_zfs urfave_cli_no_docs" -ldflags "$ldflags" \
+    "$pkg/cmd/containerd@$2" "$pkg/cmd/ctr@$2"
+  # no_grpc as upstream's Makefile builds the shim: it serves ttrpc only.
+  GOBIN="$1" go install -tags "no_grpc urfave_cli_no_docs" -ldflags "$ldflags" \
+    "$pkg/cmd/containerd-shim-runc-v2@$2"
+}
+
+build_runc() {
+  # seccomp (RuntimeDefault pods) needs cgo and libseccomp. Not runc's Makefile: its default tags
+  # add libpathrs, which Debian 12 does not package.
+  need_cc "runc (cgo)"
+  need_deb libseccomp-dev "runc's seccomp support"
+  GOBIN="$1" CGO_ENABLED=1 go install -tags "seccomp urfave_cli_no_docs" -ldflags "-s -w" \
+    "github.com/opencontainers/runc@$2"
+}
+
+build_crictl() {
+  # Stamped as upstream's Makefile does (without the "v").
+  GOBIN="$1" go install -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=${2#v}" \
+    "sigs.k8s.io/cri-tools/cmd/crictl@$2"
+}
+
+build_cni_plugins() {
+  # Only the plugins of the node's bridge network; this directory is containerd's CNI bin_dirs.
+  local pkg=github.com/containernetworking/plugins
+  GOBIN="$1" go install -ldflags "-s -w -X $pkg/pkg/utils/buildversion.BuildVersion=$2" \
+    "$pkg/plugins/main/bridge@$2" "$pkg/plugins/main/loopback@$2" \
+    "$pkg/plugins/ipam/host-local@$2" "$pkg/plugins/meta/portmap@$2"
+}
+
+build_kubelet() {
+  # From the control plane's wrapper module (its tools.go pins these two commands too).
+  local ldflags
+  wrapper_pins kubernetes k8s.io/kubernetes "$2"
+  ldflags="$(kube_ldflags "$2")"
+  (cd "$here/kubernetes" && go build -ldflags "$ldflags" -o "$1/" \
+    k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy)
+}
+
+build_pause() {
+  # The pod sandbox's process, compiled as upstream's build/pause/Makefile does: static, so its
+  # image needs nothing else. The source ships in the k8s.io/kubernetes module (no Go package).
+  need_cc "the pause binary (static C)"
+  local src tag
+  src="$(cd "$here/kubernetes" && module_dir "k8s.io/kubernetes@$2")/build/pause"
+  tag="$(sed -n 's/^TAG ?= *//p' "$src/Makefile")"
+  gcc -Os -Wall -Werror -static -DVERSION="v$tag" -o "$1/pause" "$src/linux/pause.c"
+}
+
+build_coredns() {
+  # Only the plugins of cluster DNS (e2e/coredns/main.go): every plugin would mean every cloud SDK.
+  wrapper_pins coredns github.com/coredns/coredns "$2"
+  (cd "$here/coredns" && go build -ldflags "-s -w" -o "$1/coredns" .)
+}
+
 mkdir -p "$cache"
 targets=("${@:-all}")
 for target in "${targets[@]}"; do
@@ -153,6 +258,19 @@ for target in "${targets[@]}"; do
     kuberay) install_dir kuberay "$KUBERAY_VERSION" build_kuberay ;;
     helm) install_dir helm "$HELM_VERSION" build_helm ;;
     otelcol) install_dir otelcol "$OTELCOL_VERSION" build_otelcol ;;
+    node)
+      # Not part of `all`: only the real node's profile needs it (and root, for Debian packages).
+      # kube-proxy programs nftables through the `nft` command.
+      need_deb nftables "kube-proxy (nftables mode)"
+      install_dir pause "$KUBERNETES_VERSION" build_pause
+      install_dir runc "$RUNC_VERSION" build_runc
+      install_dir containerd "$CONTAINERD_VERSION" build_containerd
+      install_dir crictl "$CRICTL_VERSION" build_crictl
+      install_dir cni-plugins "$CNI_PLUGINS_VERSION" build_cni_plugins
+      install_dir kubelet "$KUBERNETES_VERSION" build_kubelet
+      install_dir coredns "$COREDNS_VERSION" build_coredns
+      ;;
+    pause) install_dir pause "$KUBERNETES_VERSION" build_pause ;;
     prometheus) install_dir prometheus "$PROMETHEUS_DEB_VERSION" fetch_prometheus ;;
     *) echo "error: unknown build target '$target'" >&2; exit 2 ;;
   esac

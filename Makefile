@@ -12,7 +12,13 @@ PY := $(CURDIR)/.venv/bin/python
 # The serving environment: everything of the dev one plus Ray Serve LLM and vLLM (CPU build).
 # Tests run in it, so the serving tests use the real engine.
 SPY := $(CURDIR)/.venv-serving/bin/python
-CLUSTER := $(PY) e2e/localcluster.py
+# The local cluster's profile: "node" (the simulated fleet plus a real node whose pods run, in a
+# network namespace of its own; needs root) or "kwok" (the simulated fleet only).
+export TRAMONTANE_CLUSTER_PROFILE ?= $(if $(filter 0,$(shell id -u)),node,kwok)
+# Whatever talks to the cluster runs inside its network namespace (e2e/netns.sh), where the API
+# server, the node and the pods' bridge are; downloads and builds run before, outside it.
+IN_CLUSTER := $(if $(filter node,$(TRAMONTANE_CLUSTER_PROFILE)),e2e/netns.sh exec,)
+CLUSTER := $(IN_CLUSTER) $(PY) e2e/localcluster.py
 
 .PHONY: bench-operator bench-serving crds help venv venv-serving serve-down binaries otelcol prometheus cluster cluster-down cluster-status demo lint format test test-unit test-integration test-serving
 
@@ -25,8 +31,8 @@ venv: ## Create/reuse the cached Python environment and link it at .venv
 venv-serving: ## Create/reuse the serving environment (Ray Serve LLM + vLLM CPU), linked at .venv-serving
 	@hack/venv.sh requirements/serving.lock
 
-binaries: ## Build the control-plane binaries from Go modules (once per pinned version)
-	@e2e/build.sh all
+binaries: ## Build the local cluster's binaries from Go modules (once per pinned version)
+	@e2e/build.sh all $(if $(filter node,$(TRAMONTANE_CLUSTER_PROFILE)),node,)
 
 otelcol: ## Build only the OpenTelemetry Collector that the span tests export to (part of binaries)
 	@e2e/build.sh otelcol
@@ -34,21 +40,40 @@ otelcol: ## Build only the OpenTelemetry Collector that the span tests export to
 prometheus: ## Fetch only the Prometheus server and promtool of the metrics tests (Debian's; part of binaries)
 	@e2e/build.sh prometheus
 
-cluster: venv binaries ## Start the local cluster (or reuse a running one); kubeconfig at .cluster/kubeconfig
+.PHONY: node-binaries
+node-binaries: ## Build only a real node's binaries: containerd, runc, kubelet, kube-proxy, CNI, CoreDNS (part of binaries in the node profile)
+	@e2e/build.sh node
+
+# venv-serving first: it installs uv and fills uv's cache with the locks' wheels, which the image
+# builds then install from without the network.
+.PHONY: images
+images: venv-serving ## Build the serving, operator and pause images as OCI archives (root; no Docker; cached by their inputs)
+	@e2e/images.sh build
+
+# The images the real node needs now: its pods' sandbox, and the operator's (the node's tests run
+# it). `make images` builds the serving image too.
+NODE_IMAGES := $(if $(filter node,$(TRAMONTANE_CLUSTER_PROFILE)),node-images,)
+
+.PHONY: node-images
+node-images: venv-serving ## Build only the pause and operator images (what the real node's tests run)
+	@e2e/images.sh build pause operator
+
+cluster: venv binaries $(NODE_IMAGES) ## Start the local cluster (or reuse a running one); kubeconfig at .cluster/kubeconfig
 	@$(CLUSTER) up
 
-cluster-down: venv ## Stop every process of the local cluster (state in .cluster/ is kept)
+cluster-down: venv ## Stop every process, container and mount of the local cluster (state in .cluster/ is kept)
 	@$(CLUSTER) down
-	@if [[ -x .venv-serving/bin/python ]]; then .venv-serving/bin/python e2e/localray.py down; fi
+	@if [[ -x .venv-serving/bin/python ]]; then $(IN_CLUSTER) .venv-serving/bin/python e2e/localray.py down; fi
+	@if [[ -n "$(IN_CLUSTER)" ]]; then e2e/netns.sh down; fi
 
 cluster-status: venv ## Show each component of the local cluster and whether it is healthy
 	@$(CLUSTER) status
 
 demo: cluster venv-serving ## The main job: tenant + ModelDeployment on the local cluster, then its rendered config served on local Ray
-	@e2e/demo.sh
+	@$(IN_CLUSTER) e2e/demo.sh
 
 serve-down: venv-serving ## Stop the local Ray instance of `make demo` (the serving endpoint)
-	@$(SPY) e2e/localray.py down
+	@$(IN_CLUSTER) $(SPY) e2e/localray.py down
 
 crds: venv ## Regenerate crds/ and policies/admission/ from the code, copy them into the chart (tests fail when stale)
 	@$(PY) -m tramontane.cli crds --output crds
@@ -57,7 +82,7 @@ crds: venv ## Regenerate crds/ and policies/admission/ from the code, copy them 
 	@cp policies/admission/*.yaml charts/tramontane/files/admission/
 
 bench-operator: cluster ## Benchmark: N=100 and N=1000 ModelDeployments to Reconciled, operator RSS
-	@$(PY) e2e/bench_operator.py --sizes $${BENCH_SIZES:-100,1000}
+	@$(IN_CLUSTER) $(PY) e2e/bench_operator.py --sizes $${BENCH_SIZES:-100,1000}
 
 bench-serving: venv-serving ## Benchmark: the serving app vs bare vLLM (tokens/s, TTFT); BENCH_ROUNDS etc.
 	@$(SPY) e2e/bench_serving.py
@@ -73,14 +98,14 @@ format: venv ## Apply ruff's formatting and safe fixes
 	@$(PY) -m ruff format .
 	@$(PY) -m ruff check --fix .
 
-test: venv venv-serving binaries lint ## The whole suite: lint, unit, integration and serving tests
-	@$(SPY) -m pytest
+test: venv venv-serving binaries $(NODE_IMAGES) lint ## The whole suite: lint, unit, integration and serving tests
+	@$(IN_CLUSTER) $(SPY) -m pytest
 
 test-unit: venv-serving prometheus ## Unit tests only (no cluster, no engine; promtool checks the alert rules)
 	@$(SPY) -m pytest -m "not integration and not serving"
 
-test-integration: venv-serving binaries ## Integration tests on the local cluster
-	@$(SPY) -m pytest -m integration
+test-integration: venv-serving binaries $(NODE_IMAGES) ## Integration tests on the local cluster
+	@$(IN_CLUSTER) $(SPY) -m pytest -m integration
 
 test-serving: venv-serving otelcol prometheus ## Serving tests: the real engine on a local Ray instance
-	@$(SPY) -m pytest -m serving
+	@$(IN_CLUSTER) $(SPY) -m pytest -m serving

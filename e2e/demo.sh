@@ -64,7 +64,9 @@ kubectl run -n team-finance sneaky --image=rayproject/ray:2.60.0 --restart=Never
   --overrides='{"spec":{"securityContext":{"runAsNonRoot":true,"runAsUser":1000,"seccompProfile":{"type":"RuntimeDefault"}},"containers":[{"name":"sneaky","image":"rayproject/ray:2.60.0","securityContext":{"allowPrivilegeEscalation":false,"capabilities":{"drop":["ALL"]}}}]}}' \
   2>&1 | sed 's/^/  /' || true
 echo
-echo "Try: export KUBECONFIG=$KUBECONFIG; kubectl scale -n team-finance md/llama-3-8b --replicas=3"
+enter=""
+if [[ "${TRAMONTANE_CLUSTER_PROFILE:-}" == node ]]; then enter="e2e/netns.sh exec "; fi
+echo "Try: export KUBECONFIG=$KUBECONFIG; ${enter}kubectl scale -n team-finance md/llama-3-8b --replicas=3"
 
 say "Serving the RayService's serveConfigV2 (as the operator rendered it) on a local Ray instance"
 # No container runs in this cluster, so the Ray head cannot start in a pod: the same config is

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+import realnode
 
 E2E_DIR = Path(__file__).resolve().parent
 REPO = E2E_DIR.parent
@@ -55,15 +58,24 @@ PORTS = {
 }
 SERVICE_CIDR = "10.96.0.0/16"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
-# Start order; stopped in reverse.
+# "node": the simulated fleet plus a real node whose pods run (e2e/realnode.py), all in the
+# network namespace of e2e/netns.sh; needs root. "kwok": the simulated fleet only, on loopback.
+PROFILE = os.environ.get("TRAMONTANE_CLUSTER_PROFILE") or ("node" if os.geteuid() == 0 else "kwok")
+if PROFILE not in ("node", "kwok"):
+    raise SystemExit(f"TRAMONTANE_CLUSTER_PROFILE={PROFILE!r}: expected 'node' or 'kwok'")
+REAL_NODE = PROFILE == "node"
+NODE_COMPONENTS = ["containerd", "kubelet", "kube-proxy", "coredns"]
+# Start order; stopped in reverse (the real node's pods are removed first, see stop_all).
 COMPONENTS = [
     "etcd",
     "kube-apiserver",
     "kube-controller-manager",
     "kube-scheduler",
+    *(NODE_COMPONENTS if REAL_NODE else []),
     "kwok",
     "kuberay",
 ]
+ALL_COMPONENTS = [*COMPONENTS, *(c for c in NODE_COMPONENTS if c not in COMPONENTS)]
 
 
 def log(message: str) -> None:
@@ -84,17 +96,37 @@ def versions() -> dict[str, str]:
     return pins
 
 
-def artifact_dirs() -> dict[str, Path]:
+# Cache directory (e2e/build.sh's `<name>-<version>`) → the versions.env pin of its version.
+CONTROL_PLANE_ARTIFACTS = {
+    "etcd": "ETCD_VERSION",
+    "kubernetes": "KUBERNETES_VERSION",
+    "kwok": "KWOK_VERSION",
+    "kuberay": "KUBERAY_VERSION",
+    "prometheus-operator-crds": "PROMETHEUS_OPERATOR_VERSION",
+    "helm": "HELM_VERSION",
+}
+NODE_ARTIFACTS = {
+    "containerd": "CONTAINERD_VERSION",
+    "runc": "RUNC_VERSION",
+    "crictl": "CRICTL_VERSION",
+    "cni-plugins": "CNI_PLUGINS_VERSION",
+    "kubelet": "KUBERNETES_VERSION",
+    "coredns": "COREDNS_VERSION",
+}
+
+
+def _cache_dirs(artifacts: dict[str, str]) -> dict[str, Path]:
     pins = versions()
-    return {
-        "etcd": CACHE / f"etcd-{pins['ETCD_VERSION']}",
-        "kubernetes": CACHE / f"kubernetes-{pins['KUBERNETES_VERSION']}",
-        "kwok": CACHE / f"kwok-{pins['KWOK_VERSION']}",
-        "kuberay": CACHE / f"kuberay-{pins['KUBERAY_VERSION']}",
-        "prometheus-operator-crds": CACHE
-        / f"prometheus-operator-crds-{pins['PROMETHEUS_OPERATOR_VERSION']}",
-        "helm": CACHE / f"helm-{pins['HELM_VERSION']}",
-    }
+    return {name: CACHE / f"{name}-{pins[pin]}" for name, pin in artifacts.items()}
+
+
+def artifact_dirs() -> dict[str, Path]:
+    """What this profile's cluster runs, in the cache."""
+    return _cache_dirs({**CONTROL_PLANE_ARTIFACTS, **(NODE_ARTIFACTS if REAL_NODE else {})})
+
+
+def node_artifact_dirs() -> dict[str, Path]:
+    return _cache_dirs(NODE_ARTIFACTS)
 
 
 # --------------------------------------------------------------------------------------- PKI
@@ -112,10 +144,14 @@ class CertSpec:
     server_names: tuple[str, ...] = ()  # DNS names and IPs for serving certificates
 
 
+PKI_FORMAT = "2"  # bump when a certificate's names change: the PKI is then made anew
+
+
 def _cert_specs() -> list[CertSpec]:
     api_names = (
         "localhost",
         "127.0.0.1",
+        realnode.NODE_IP,
         "10.96.0.1",
         "kubernetes",
         "kubernetes.default",
@@ -135,12 +171,26 @@ def _cert_specs() -> list[CertSpec]:
         CertSpec("kwok", "kwok-controller", "system:masters"),
         # KubeRay gets only its upstream ClusterRole (bound in _install_addons).
         CertSpec("kuberay", "kuberay-operator"),
+        # The real node. The Node authorizer and NodeRestriction confine the kubelet to its own
+        # node and pods; the bootstrap policy grants system:kube-proxy what kube-proxy needs.
+        CertSpec("node", f"system:node:{realnode.NODE_NAME}", "system:nodes"),
+        CertSpec("kubelet-serving", realnode.NODE_NAME, server_names=(realnode.NODE_IP,)),
+        CertSpec(
+            "kube-apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"
+        ),
+        CertSpec("kube-proxy", "system:kube-proxy"),
+        CertSpec("coredns", "coredns"),
     ]
 
 
 def ensure_pki() -> Path:
     pki = STATE / "pki"
+    format_file = pki / "FORMAT"
+    made_as = format_file.read_text().strip() if format_file.exists() else None
+    if pki.is_dir() and made_as != PKI_FORMAT:
+        shutil.rmtree(pki)  # an older layout: its certificates lack names now needed
     pki.mkdir(parents=True, exist_ok=True)
+    format_file.write_text(PKI_FORMAT + "\n")
     ca_key, ca_crt = pki / "ca.key", pki / "ca.crt"
     if not ca_crt.exists():
         _openssl("genrsa", "-out", str(ca_key), "2048")
@@ -212,7 +262,9 @@ def write_kubeconfig(path: Path, user: str) -> None:
         ],
         "current-context": "tramontane-local",
     }
-    path.write_text(yaml.safe_dump(config))
+    text = yaml.safe_dump(config)
+    if not path.exists() or path.read_text() != text:  # running components keep theirs
+        path.write_text(text)
     path.chmod(0o600)
 
 
@@ -244,7 +296,7 @@ def our_processes() -> dict[str, list[int]]:
             continue
         binary = Path(cmdline[0]).name
         component = {"ray-operator": "kuberay"}.get(binary, binary)
-        if component in COMPONENTS:
+        if component in ALL_COMPONENTS:
             found.setdefault(component, []).append(pid)
     return found
 
@@ -263,17 +315,30 @@ def _alive(pid: int) -> bool:
 
 
 def stop_all() -> None:
+    """Stop every process of this cluster; with a real node, also its containers, mounts,
+    cgroups and the kernel settings the kubelet changed, so a crashed run leaves nothing."""
     processes = our_processes()
+    if processes.get("kubelet"):
+        # First, or it would restart the pods removed next.
+        _terminate(processes.pop("kubelet"))
+    if (STATE / "node").is_dir():
+        realnode.remove_pods(STATE, node_artifact_dirs())
     pids: list[int] = []
     operator_pid = STATE / "run" / "operator.pid"  # started by e2e/demo.sh
     if operator_pid.exists() and _alive(pid := int(operator_pid.read_text())):
         log(f"stopping the demo operator (pid {pid})")
         pids.append(pid)
-    for component in reversed(COMPONENTS):
+    for component in reversed(ALL_COMPONENTS):
         for pid in processes.get(component, []):
             log(f"stopping {component} (pid {pid})")
             pids.append(pid)
     _terminate(pids)
+    if (STATE / "node").is_dir():
+        # What CRI could not remove (containerd had died): kill what is left, then clean up.
+        _terminate(realnode.shim_pids(STATE) + realnode.pod_pids())
+        realnode.unmount_under(STATE / "node")
+        realnode.remove_pod_cgroups()
+        realnode.restore_sysctls(STATE)
     for pid_file in (STATE / "run").glob("*.pid"):
         pid_file.unlink()
 
@@ -282,6 +347,14 @@ def _port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _raise_open_files(pid: int) -> None:
+    """containerd, its shims and containers want many descriptors (the hard limit here is 20000,
+    not 65536); raised right after the start, before any shim is forked."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _spawn(component: str, argv: list[str], env: dict[str, str] | None = None) -> int:
@@ -300,6 +373,8 @@ def _spawn(component: str, argv: list[str], env: dict[str, str] | None = None) -
             env={**os.environ, **(env or {})},
             cwd=STATE,
         )
+    if component == "containerd":
+        _raise_open_files(process.pid)
     (STATE / "run" / f"{component}.pid").write_text(str(process.pid))
     return process.pid
 
@@ -330,6 +405,19 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _containerd_ok() -> bool:
+    socket_path = realnode.containerd_socket(STATE)
+    if not socket_path.exists():
+        return False
+    result = subprocess.run(
+        [str(artifact_dirs()["containerd"] / "ctr"), f"--address={socket_path}", "version"],
+        capture_output=True,
+        check=False,
+        timeout=10,
+    )
+    return result.returncode == 0
+
+
 HEALTH: dict[str, Callable[[], bool]] = {
     "etcd": lambda: _https_ok(f"https://127.0.0.1:{PORTS['etcd']}/health", "etcd-client"),
     "kube-apiserver": lambda: _https_ok(
@@ -343,6 +431,10 @@ HEALTH: dict[str, Callable[[], bool]] = {
     ),
     "kwok": lambda: _https_ok(f"https://127.0.0.1:{PORTS['kwok']}/healthz", verify=False),
     "kuberay": lambda: _http_ok(f"http://127.0.0.1:{PORTS['kuberay']}/readyz"),
+    "containerd": _containerd_ok,
+    "kubelet": lambda: _http_ok(f"http://127.0.0.1:{realnode.KUBELET_HEALTHZ_PORT}/healthz"),
+    "kube-proxy": lambda: _http_ok(f"http://127.0.0.1:{realnode.KUBE_PROXY_HEALTHZ_PORT}/livez"),
+    "coredns": lambda: _http_ok(f"http://127.0.0.1:{realnode.COREDNS_HEALTH_PORT}/health"),
 }
 
 
@@ -364,7 +456,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float, pid: int | None 
 # ------------------------------------------------------------------------------- components
 
 
-def _argv(component: str) -> tuple[list[str], dict[str, str]]:
+def _argv(component: str) -> tuple[list[str], dict[str, str]]:  # noqa: PLR0911 (one per component)
     art = artifact_dirs()
     pki = STATE / "pki"
     f"https://127.0.0.1:{PORTS['kube-apiserver']}"
@@ -402,8 +494,7 @@ def _argv(component: str) -> tuple[list[str], dict[str, str]]:
             f"--etcd-cafile={pki / 'ca.crt'}",
             f"--etcd-certfile={pki / 'etcd-client.crt'}",
             f"--etcd-keyfile={pki / 'etcd-client.key'}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            *_apiserver_network_flags(),
             f"--secure-port={PORTS['kube-apiserver']}",
             f"--tls-cert-file={pki / 'kube-apiserver.crt'}",
             f"--tls-private-key-file={pki / 'kube-apiserver.key'}",
@@ -415,8 +506,6 @@ def _argv(component: str) -> tuple[list[str], dict[str, str]]:
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--allow-privileged=true",
-            # No kubelets register here, so nothing could serve the kubernetes Service endpoints.
-            "--endpoint-reconciler-type=none",
             "--profiling=false",
             "--v=1",
         ], {}
@@ -468,6 +557,8 @@ def _argv(component: str) -> tuple[list[str], dict[str, str]]:
             f"--tls-cert-file={pki / 'kwok-server.crt'}",
             f"--tls-private-key-file={pki / 'kwok-server.key'}",
         ], {}
+    if component in NODE_COMPONENTS:
+        return realnode.argv(component, STATE, artifact_dirs())
     if component == "kuberay":
         return [
             str(art["kuberay"] / "ray-operator"),
@@ -482,6 +573,31 @@ def _argv(component: str) -> tuple[list[str], dict[str, str]]:
     raise ValueError(component)
 
 
+def _apiserver_network_flags() -> list[str]:
+    if not REAL_NODE:
+        return [
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            # No kubelet registers, so nothing could serve the kubernetes Service's endpoints.
+            "--endpoint-reconciler-type=none",
+        ]
+    pki = STATE / "pki"
+    return [
+        # All addresses of the cluster's network namespace (its loopback and the node's bridge);
+        # pods reach it as the kubernetes Service, whose endpoint is the advertised address.
+        "--bind-address=0.0.0.0",  # a namespace of our own, with no route out
+        f"--advertise-address={realnode.NODE_IP}",
+        # logs, exec and port-forward: the API server calls the kubelet, and checks its cert.
+        f"--kubelet-client-certificate={pki / 'kube-apiserver-kubelet-client.crt'}",
+        f"--kubelet-client-key={pki / 'kube-apiserver-kubelet-client.key'}",
+        f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+        "--kubelet-preferred-address-types=InternalIP",
+        # The service proxy (KubeRay reaches Ray dashboards through it) dials endpoints, not
+        # ClusterIPs.
+        "--enable-aggregator-routing=true",
+    ]
+
+
 def kubectl(*args: str, input_text: str | None = None, check: bool = True) -> str:
     result = subprocess.run(
         ["kubectl", f"--kubeconfig={kubeconfig_path()}", *args],
@@ -493,6 +609,46 @@ def kubectl(*args: str, input_text: str | None = None, check: bool = True) -> st
     if check and result.returncode != 0:
         raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
+
+
+IMAGES = ("pause", "operator", "serving")  # what `make images` builds (e2e/images.sh)
+
+
+def import_images() -> None:
+    """Import the images `make images` built (OCI archives) that the node's containerd lacks: a
+    kubelet cannot read an archive, and no registry serves them here. Only the pause image is
+    required (every pod's sandbox); the others are there once `make images` has built them."""
+    ctr = [
+        str(artifact_dirs()["containerd"] / "ctr"),
+        f"--address={realnode.containerd_socket(STATE)}",
+        "--namespace=k8s.io",
+    ]
+    listed = subprocess.run(
+        [*ctr, "images", "ls", "-q"], capture_output=True, text=True, check=True
+    )
+    present = set(listed.stdout.split())
+    for name in IMAGES:
+        archive = Path(
+            subprocess.run(
+                [str(E2E_DIR / "images.sh"), "path", name],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
+        reference = f"docker.io/tramontane/{name}:dev"
+        if reference in present:
+            continue
+        if not archive.exists():
+            if name == "pause":
+                raise ClusterError(f"the pause image is not built ({archive}): run `make images`")
+            log(f"{reference} is not built ({archive.name}); `make images` builds it")
+            continue
+        started = time.monotonic()
+        base_name = f"--base-name=docker.io/tramontane/{name}"
+        command = [*ctr, "images", "import", "--discard-unpacked-layers", base_name, str(archive)]
+        subprocess.run(command, capture_output=True, check=True)
+        log(f"imported {reference} into the node's containerd ({time.monotonic() - started:.0f}s)")
 
 
 def _install_addons() -> None:
@@ -525,6 +681,16 @@ def _install_addons() -> None:
         ],
     }
     kubectl("apply", "--server-side", "-f", "-", input_text=json.dumps(binding))
+    if REAL_NODE:
+        kubectl(
+            "apply",
+            "--server-side",
+            "-f",
+            "-",
+            input_text=json.dumps(
+                {"apiVersion": "v1", "kind": "List", "items": realnode.coredns_rbac()}
+            ),
+        )
     kubectl(
         "wait", "--for=condition=Established", "--timeout=60s",
         "crd/rayclusters.ray.io", "crd/rayservices.ray.io", "crd/rayjobs.ray.io",
@@ -603,6 +769,11 @@ def _check_prerequisites() -> None:
     missing = [tool for tool in ("openssl", "kubectl") if shutil.which(tool) is None]
     if missing:
         raise ClusterError(f"required tools not on PATH: {', '.join(missing)}")
+    if REAL_NODE:
+        try:
+            realnode.check_prerequisites()
+        except realnode.NodeError as error:
+            raise ClusterError(str(error)) from None
     for name, directory in artifact_dirs().items():
         if not directory.is_dir():
             raise ClusterError(
@@ -624,6 +795,10 @@ COMPONENT_PORTS = {
     "kube-scheduler": ("kube-scheduler",),
     "kwok": ("kwok",),
     "kuberay": ("kuberay", "kuberay-metrics"),
+    "containerd": (),
+    "kubelet": (),
+    "kube-proxy": (),
+    "coredns": (),
 }
 
 
@@ -643,9 +818,13 @@ def up() -> None:
     """Start every component that is not running exactly once and healthy; keep the others."""
     _check_prerequisites()
     started = time.monotonic()
-    ensure_pki()
+    pki = ensure_pki()
     write_kubeconfig(kubeconfig_path(), "admin")
-    for user in ("kube-controller-manager", "kube-scheduler", "kwok", "kuberay"):
+    users = ["kube-controller-manager", "kube-scheduler", "kwok", "kuberay"]
+    if REAL_NODE:
+        users += ["node", "kube-proxy", "coredns"]
+        realnode.write_configs(STATE, pki, artifact_dirs())
+    for user in users:
         write_kubeconfig(STATE / f"{user}.kubeconfig", user)
     processes = our_processes()
     to_start = [c for c in COMPONENTS if not (len(processes.get(c, [])) == 1 and HEALTH[c]())]
@@ -667,19 +846,29 @@ def up() -> None:
             "e2e/localcluster.py)."
         )
     restarted: list[str] = []
+    addons_installed = False
     for component in to_start:
-        if component == "kwok":
-            _install_addons()
+        if component in ("containerd", "kwok") and not addons_installed:
+            _install_addons()  # CoreDNS's and KubeRay's RBAC, before they start
+            addons_installed = True
+        if component == "kubelet":
+            realnode.save_sysctls(STATE)
         argv, env = _argv(component)
         pid = _spawn(component, argv, env)
         _wait(component, HEALTH[component], timeout=90, pid=pid)
         log(f"{component} healthy (pid {pid}, {time.monotonic() - started:.1f}s)")
         restarted.append(component)
+        if component == "containerd":
+            import_images()
     names = apply_nodes()  # idempotent; picks up an edited e2e/nodes.yaml
+    if REAL_NODE:
+        import_images()  # those built since containerd started
+        kubectl("wait", "--for=condition=Ready", "--timeout=90s", f"node/{realnode.NODE_NAME}")
+        names.append(realnode.NODE_NAME)
     if not restarted:
         log(f"already running and healthy (state in {STATE}); reusing it")
         return
-    log(f"{len(names)} simulated nodes Ready ({time.monotonic() - started:.1f}s)")
+    log(f"{len(names)} nodes Ready ({time.monotonic() - started:.1f}s)")
     # Service-account tokens work once the token controller has created the default accounts.
     _wait(
         "kube-controller-manager",

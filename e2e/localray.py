@@ -330,8 +330,10 @@ def serve_rendered(file: Path) -> None:
         + ", ".join([args.model.served_name, *(a.name for a in args.adapters)])
         + ")"
     )
+    # In the node profile the local cluster and this Ray run in the cluster's network namespace.
+    enter = "e2e/netns.sh exec " if os.environ.get("TRAMONTANE_CLUSTER_PROFILE") == "node" else ""
     print("Try:")
-    print(f"  curl -s http://127.0.0.1:{port}/v1/chat/completions \\")
+    print(f"  {enter}curl -s http://127.0.0.1:{port}/v1/chat/completions \\")
     print(f'    -H "Authorization: Bearer $(cat {key_file})" \\')
     print("    -H 'Content-Type: application/json' \\")
     print(f"    -d '{body}'")

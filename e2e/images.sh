@@ -15,8 +15,7 @@
 # Usage:
 #   e2e/images.sh [build] [serving|operator|pause ...]  build (or reuse); prints path, size, time
 #   e2e/images.sh path NAME                             the archive of NAME for the current inputs
-#   e2e/images.sh import ADDRESS [NAME ...]             build if needed, then import into the
-#                                                       containerd at ADDRESS (namespace k8s.io)
+# `make cluster` (e2e/localcluster.py) imports the archives into the real node's containerd.
 #
 # Cache (outside the repo): ${TRAMONTANE_CACHE:-~/.cache/tramontane}/images/
 #   <name>-<key>.tar       the image: an OCI layout with the tag `dev`. <key> hashes every input:
@@ -461,25 +460,6 @@ build_all() {
   for name in "${names[@]}"; do build "$name"; done
 }
 
-# import_images ADDRESS [NAME ...]: into the k8s.io namespace, where the kubelet's images live,
-# named docker.io/tramontane/NAME:dev (what `tramontane/NAME:dev` in a pod spec means). Without
-# --base-name, umoci's bare tag would import unnamed. CTR overrides e2e/build.sh node's ctr.
-import_images() {
-  local address="${1:?usage: import_images CONTAINERD_ADDRESS [NAME ...]}"; shift
-  local ctr="${CTR:-$cache/containerd-$CONTAINERD_VERSION/ctr}" name
-  local -a names=("$@")
-  [[ ${#names[@]} -gt 0 ]] || names=(pause operator serving)
-  [[ -x "$ctr" ]] || die "no ctr at $ctr: run 'e2e/build.sh node' or set CTR"
-  build_all "${names[@]}" >&2
-  for name in "${names[@]}"; do
-    log "importing $(var "$name" IMAGE):$IMAGE_TAG into $address"
-    # --discard-unpacked-layers: the compressed layers (3.4 GB for serving) are dropped once
-    # unpacked into the snapshotter; the CRI needs only the snapshots.
-    "$ctr" --address "$address" -n k8s.io images import --discard-unpacked-layers \
-      --base-name "docker.io/$(var "$name" IMAGE)" "$(archive_path "$name")"
-  done
-}
-
 command="${1:-build}"
 case "$command" in
   build) shift || true; build_all "$@" ;;
@@ -488,7 +468,6 @@ case "$command" in
     name="${2:?usage: $0 path NAME}"
     if [[ "$name" == pause ]]; then ensure_pause_binary >&2; fi
     archive_path "$name"; echo ;;
-  import) shift; import_images "$@" ;;
   __runtime-rootfs) runtime_rootfs "$2" "$3" ;;  # internal: build_runtime's mount namespace
-  *) die "unknown command '$command' (build, path, import)" ;;
+  *) die "unknown command '$command' (build, path)" ;;
 esac

@@ -645,9 +645,16 @@ def import_images() -> None:
             log(f"{reference} is not built ({archive.name}); `make images` builds it")
             continue
         started = time.monotonic()
+        # --local --discard-unpacked-layers: the compressed layers (3.4 GB for serving) are
+        # dropped once unpacked into the snapshotter; the CRI needs only the snapshots. Without
+        # --base-name, umoci's bare tag would import unnamed.
         base_name = f"--base-name=docker.io/tramontane/{name}"
-        command = [*ctr, "images", "import", "--discard-unpacked-layers", base_name, str(archive)]
-        subprocess.run(command, capture_output=True, check=True)
+        command = [*ctr, "images", "import", "--local", "--discard-unpacked-layers", base_name]
+        result = subprocess.run(
+            [*command, str(archive)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise ClusterError(f"importing {archive} failed: {result.stderr.strip()}")
         log(f"imported {reference} into the node's containerd ({time.monotonic() - started:.0f}s)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 
 import pytest
 
@@ -53,6 +54,52 @@ def test_chart_pod_sizes_reach_the_render_options() -> None:
     assert (render.head_cpu, render.head_memory) == ("500m", "3Gi")
     assert (render.cpu_per_gpu, render.memory_per_gpu) == ("12", "80Gi")
     assert (render.cpu_worker_cpu, render.cpu_worker_memory) == ("1500m", "6Gi")
+
+
+def test_chart_tolerations_and_node_selector_reach_the_render_options() -> None:
+    taint = {"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}
+    render = settings.render_options(
+        {
+            "TRAMONTANE_SERVING_TOLERATIONS": json.dumps([taint]),
+            "TRAMONTANE_SERVING_NODE_SELECTOR": '{"pool": "inference"}',
+            "TRAMONTANE_AUTOSCALER_CPU": "100m",
+        }
+    )
+    assert render.pod_tolerations == (taint,)
+    assert render.pod_node_selector == (("pool", "inference"),)
+    assert render.autoscaler_cpu == "100m"
+    # The chart renders empty values as [] and {}: nothing added.
+    empty = settings.render_options(
+        {"TRAMONTANE_SERVING_TOLERATIONS": "[]", "TRAMONTANE_SERVING_NODE_SELECTOR": "{}"}
+    )
+    assert (empty.pod_tolerations, empty.pod_node_selector) == ((), ())
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "error"),
+    [
+        (
+            "TRAMONTANE_SERVING_TOLERATIONS",
+            "{not json",
+            "TRAMONTANE_SERVING_TOLERATIONS is not JSON",
+        ),
+        (
+            "TRAMONTANE_SERVING_TOLERATIONS",
+            "{}",
+            "TRAMONTANE_SERVING_TOLERATIONS must be a JSON list",
+        ),
+        (
+            "TRAMONTANE_SERVING_NODE_SELECTOR",
+            "[]",
+            "TRAMONTANE_SERVING_NODE_SELECTOR must be a JSON object",
+        ),
+    ],
+)
+def test_bad_placement_settings_stop_the_operator_with_the_variable_named(
+    variable: str, value: str, error: str
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        settings.render_options({variable: value})
 
 
 def test_a_bad_pod_size_stops_the_operator_with_the_variable_named() -> None:

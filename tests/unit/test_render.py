@@ -133,6 +133,38 @@ def test_a_deployment_sets_its_own_pod_sizes_and_keeps_the_defaults_it_leaves_ou
     assert resources["worker"]["limits"] == {"cpu": "1500m", "memory": "6Gi"}
 
 
+def test_platform_tolerations_and_node_selector_add_to_residency_and_gpu_placement() -> None:
+    pool_taint = {
+        "key": "dedicated",
+        "operator": "Equal",
+        "value": "inference",
+        "effect": "NoSchedule",
+    }
+    options = RenderOptions(
+        pod_tolerations=(pool_taint,), pod_node_selector=(("pool", "inference"),)
+    )
+    region = {"key": "topology.kubernetes.io/region", "operator": "In", "values": ["eu-west-3"]}
+    rayservice = render_rayservice(
+        md(accelerator={"type": "H100", "count": 1}), options, placement=[region]
+    )
+    for pod in pod_specs(rayservice):
+        assert pool_taint in pod["tolerations"]
+        assert pod["nodeSelector"] == {"pool": "inference"}
+        # Residency still pins every pod: the platform's settings only add to it.
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert region in terms["nodeSelectorTerms"][0]["matchExpressions"]
+    worker = pod_specs(rayservice)[1]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker[
+        "tolerations"
+    ]
+
+
+def test_the_autoscaler_sidecar_is_sized_by_the_installation() -> None:
+    options = RenderOptions(autoscaler_cpu="100m", autoscaler_memory="256Mi")
+    config = render_rayservice(md(), options)["spec"]["rayClusterConfig"]
+    assert config["autoscalerOptions"]["resources"]["limits"] == {"cpu": "100m", "memory": "256Mi"}
+
+
 @pytest.mark.parametrize(
     ("quantity", "factor", "scaled"),
     [

@@ -7,8 +7,10 @@ what a development run on the local cluster wants.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from tramontane.render.rayservice import RenderOptions, scaled_quantity
 from tramontane.render.tenant import TenantOptions
@@ -21,6 +23,8 @@ POD_SIZE_VARIABLES = {
     "TRAMONTANE_WORKER_MEMORY_PER_GPU": "memory_per_gpu",
     "TRAMONTANE_CPU_WORKER_CPU": "cpu_worker_cpu",
     "TRAMONTANE_CPU_WORKER_MEMORY": "cpu_worker_memory",
+    "TRAMONTANE_AUTOSCALER_CPU": "autoscaler_cpu",
+    "TRAMONTANE_AUTOSCALER_MEMORY": "autoscaler_memory",
 }
 
 
@@ -46,7 +50,25 @@ def render_options(env: Mapping[str, str] = os.environ) -> RenderOptions:
                     f"{variable}={value!r} is not a Kubernetes quantity such as 500m, 4 or 16Gi"
                 ) from None
             updates[field] = value
+    if tolerations := env.get("TRAMONTANE_SERVING_TOLERATIONS", "").strip():
+        updates["pod_tolerations"] = tuple(
+            _json(tolerations, "TRAMONTANE_SERVING_TOLERATIONS", list)
+        )
+    if selector := env.get("TRAMONTANE_SERVING_NODE_SELECTOR", "").strip():
+        parsed = _json(selector, "TRAMONTANE_SERVING_NODE_SELECTOR", dict)
+        updates["pod_node_selector"] = tuple(sorted((str(k), str(v)) for k, v in parsed.items()))
     return dataclasses.replace(options, **updates)  # type: ignore[arg-type]
+
+
+def _json(value: str, variable: str, kind: type) -> Any:
+    """A JSON list or object from the chart (its toJson), or a clear error naming the variable."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{variable} is not JSON: {error}") from None
+    if not isinstance(parsed, kind):
+        raise ValueError(f"{variable} must be a JSON {'list' if kind is list else 'object'}")
+    return parsed
 
 
 def tenant_options(env: Mapping[str, str] = os.environ) -> TenantOptions:

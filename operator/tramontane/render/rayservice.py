@@ -52,6 +52,14 @@ class RenderOptions:
     cpu_worker_memory: str = "16Gi"
     head_cpu: str = "2"
     head_memory: str = "8Gi"
+    # The Ray autoscaler sidecar of each head pod (it only talks to the API server).
+    autoscaler_cpu: str = "200m"
+    autoscaler_memory: str = "512Mi"
+    # Where serving pods may go beyond what residency and the accelerator decide: a platform's
+    # dedicated node pools (their taints tolerated, their labels selected). Both can only add
+    # constraints or permissions on top of residency's required node affinity, never lift it.
+    pod_tolerations: tuple[dict[str, Any], ...] = ()
+    pod_node_selector: tuple[tuple[str, str], ...] = ()
     # OTLP/HTTP endpoint that the serving app sends its request spans to, e.g.
     # http://otel-collector.observability:4318; None: the serving app exports no spans.
     otlp_endpoint: str | None = None
@@ -258,7 +266,7 @@ def _head_group(
                 "securityContext": restricted_pod_security(),
                 "containers": [container],
                 "volumes": volumes,
-                **({"affinity": _required_affinity(placement)} if placement else {}),
+                **_placement_constraints(options, [], placement),
             },
         },
     }
@@ -273,6 +281,21 @@ def _required_affinity(requirements: list[dict[str, Any]]) -> dict[str, Any]:
             }
         }
     }
+
+
+def _placement_constraints(
+    options: RenderOptions, tolerations: list[dict[str, Any]], requirements: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """tolerations, nodeSelector and the required node affinity of a serving pod."""
+    constraints: dict[str, Any] = {}
+    all_tolerations = [*tolerations, *options.pod_tolerations]
+    if all_tolerations:
+        constraints["tolerations"] = all_tolerations
+    if options.pod_node_selector:
+        constraints["nodeSelector"] = dict(options.pod_node_selector)
+    if requirements:
+        constraints["affinity"] = _required_affinity(requirements)
+    return constraints
 
 
 def _gpu_requirement(accelerator: AcceleratorType) -> dict[str, Any]:
@@ -305,14 +328,11 @@ def _worker_group(
         ],
         "volumes": volumes,
     }
-    if gpus:
-        pod_spec["tolerations"] = [
-            {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-        ]
+    gpu_tolerations = (
+        [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}] if gpus else []
+    )
     requirements = [_gpu_requirement(spec.accelerator.type)] if gpus else []
-    requirements += placement
-    if requirements:
-        pod_spec["affinity"] = _required_affinity(requirements)
+    pod_spec |= _placement_constraints(options, gpu_tolerations, requirements + placement)
     return {
         "groupName": spec.accelerator.type.value.lower(),
         # One Ray worker pod per serving replica: a replica's engine uses all of its GPUs.
@@ -349,7 +369,7 @@ def render_rayservice(
                     # Ray removes an idle worker after this; Serve's own downscale delay runs first.
                     "idleTimeoutSeconds": max(60, spec.scaling.downscale_delay_seconds),
                     "securityContext": restricted_container_security(),
-                    "resources": _resources("1", "1Gi", 0),
+                    "resources": _resources(options.autoscaler_cpu, options.autoscaler_memory, 0),
                 },
                 "headGroupSpec": _head_group(md, options, placement),
                 "workerGroupSpecs": [_worker_group(md, options, placement)],

@@ -14,6 +14,7 @@ from tramontane.api.serving import ServingArgs
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.render.rayservice import (
     RenderOptions,
+    quantity_bytes,
     render_children,
     render_podmonitor,
     render_rayservice,
@@ -157,6 +158,43 @@ def test_platform_tolerations_and_node_selector_add_to_residency_and_gpu_placeme
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker[
         "tolerations"
     ]
+
+
+def _env(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in pod["containers"][0]["env"]}
+
+
+def test_cpu_workers_size_vllms_kv_cache_from_their_memory_limit_not_the_machines() -> None:
+    deployment = md(
+        accelerator={"type": "CPU", "count": 0}, resources={"worker": {"memory": "6Gi"}}
+    )
+    head, worker = pod_specs(render_rayservice(deployment, OPTIONS))
+    assert _env(worker)["VLLM_CPU_KVCACHE_SPACE"] == "1"  # a quarter of 6 GiB, in whole GiB
+    big = md(accelerator={"type": "CPU", "count": 0}, resources={"worker": {"memory": "64000Mi"}})
+    assert _env(pod_specs(render_rayservice(big, OPTIONS))[1])["VLLM_CPU_KVCACHE_SPACE"] == "15"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in _env(head)
+    gpu_worker = pod_specs(render_rayservice(md(), OPTIONS))[1]
+    assert "VLLM_CPU_KVCACHE_SPACE" not in _env(gpu_worker)
+
+
+def test_the_head_offers_no_cpu_or_gpu_so_engines_land_on_workers() -> None:
+    head = render_rayservice(md(), OPTIONS)["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["rayStartParams"]["num-gpus"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("quantity", "size"),
+    [("6Gi", 6 * 2**30), ("512Mi", 2**29), ("1.5Gi", 3 * 2**29), ("2G", 2 * 10**9), ("1000", 1000)],
+)
+def test_quantity_bytes(quantity: str, size: int) -> None:
+    assert quantity_bytes(quantity) == size
+
+
+@pytest.mark.parametrize("bad", ["500m", "lots", "-1Gi"])
+def test_quantity_bytes_refuses_what_is_not_memory(bad: str) -> None:
+    with pytest.raises(ValueError, match="not a memory quantity"):
+        quantity_bytes(bad)
 
 
 def test_the_autoscaler_sidecar_is_sized_by_the_installation() -> None:

@@ -145,6 +145,32 @@ def scaled_quantity(quantity: str, factor: int) -> str:
     return f"{number.normalize():f}{match['suffix'] or ''}"
 
 
+_BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+_DECIMAL_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A memory quantity in bytes: "6Gi" → 6442450944, "512M" → 512000000."""
+    match = _QUANTITY.match(quantity)
+    suffix: str = (match["suffix"] or "") if match else "m"
+    if match is None or suffix == "m":
+        raise ValueError(f"not a memory quantity: {quantity!r}")
+    scale = _BINARY_SUFFIXES.get(suffix) or _DECIMAL_SUFFIXES[suffix]
+    return int(Decimal(match["number"]) * scale)
+
+
+# Share of a CPU worker's memory given to vLLM's KV cache; the rest holds the weights, activations
+# and the Ray worker. vLLM's CPU build would otherwise size it from the machine's memory, not the
+# pod's limit, and the kernel would kill the pod.
+CPU_KV_CACHE_SHARE = Decimal("0.25")
+
+
+def cpu_engine_env(worker_memory: str) -> list[dict[str, Any]]:
+    """The environment vLLM's CPU build needs in a worker pod (GPU workers need none)."""
+    kv_cache_gib = max(1, int(quantity_bytes(worker_memory) * CPU_KV_CACHE_SHARE) // 2**30)
+    return [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(kv_cache_gib)}]
+
+
 def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
     """Requests = limits (Guaranteed QoS): a vLLM engine sizes itself from what it was given."""
     amounts: dict[str, str] = {"cpu": cpu, "memory": memory}
@@ -171,6 +197,8 @@ def _container(
     resources: dict[str, Any],
     ports: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
+    *,
+    engine_env: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
         "name": name,
@@ -186,6 +214,7 @@ def _container(
             # The dashboard is reachable only inside the tenant's namespace (NetworkPolicies).
             {"name": "RAY_AUTH_MODE", "value": "disabled"},
             *_tracing_env(options),
+            *(engine_env or []),
         ],
         "volumeMounts": mounts,
     }
@@ -258,8 +287,14 @@ def _head_group(
     )
     return {
         "serviceType": "ClusterIP",
-        # The head schedules no model replicas: it runs GCS, the Serve controller and proxy.
-        "rayStartParams": {"num-gpus": "0", "dashboard-host": "0.0.0.0"},  # noqa: S104
+        # The head schedules no model replicas: it runs GCS, the Serve controller, the proxy and
+        # the ingress (which asks for no CPU). With no logical CPU or GPU to offer, an engine's
+        # placement group ({"CPU": 1, ...}) can only land on a worker, sized for it.
+        "rayStartParams": {
+            "num-cpus": "0",
+            "num-gpus": "0",
+            "dashboard-host": "0.0.0.0",  # noqa: S104 (in-pod listener)
+        },
         "template": {
             "metadata": {"labels": labels(md)},
             "spec": {
@@ -313,7 +348,8 @@ def _worker_group(
         default_memory = scaled_quantity(options.memory_per_gpu, gpus)
     else:
         default_cpu, default_memory = options.cpu_worker_cpu, options.cpu_worker_memory
-    resources = _resources(worker.cpu or default_cpu, worker.memory or default_memory, gpus)
+    memory = worker.memory or default_memory
+    resources = _resources(worker.cpu or default_cpu, memory, gpus)
     volumes, mounts = _volumes(md)
     pod_spec: dict[str, Any] = {
         "securityContext": restricted_pod_security(),
@@ -324,6 +360,7 @@ def _worker_group(
                 resources,
                 [_port("serve", SERVE_PORT), _port("metrics", METRICS_PORT)],
                 mounts,
+                engine_env=[] if gpus else cpu_engine_env(memory),
             )
         ],
         "volumes": volumes,

@@ -36,6 +36,7 @@ def test_h100_sample_asks_ray_for_one_h100_per_replica_and_validates() -> None:
     assert engine["enable_lora"] is True
     assert engine["max_loras"] == 2
     assert "enforce_eager" not in engine
+    assert "ray_actor_options" not in kwargs["deployment_config"]  # Ray's default: 1 CPU
     assert kwargs["deployment_config"]["autoscaling_config"] == {
         "min_replicas": 1,
         "max_replicas": 4,
@@ -65,6 +66,8 @@ def test_cpu_replicas_run_eagerly_without_gpu_settings() -> None:
     kwargs = config.llm_config(args, "/mnt/models")
     assert "accelerator_type" not in kwargs
     assert kwargs["placement_group_config"]["bundles"] == [{"CPU": 1}]
+    # The replica actor asks no CPU of its own: one engine per core of a worker pod, not per two.
+    assert kwargs["deployment_config"]["ray_actor_options"] == {"num_cpus": 0}
     assert kwargs["engine_kwargs"]["enforce_eager"] is True
     assert "gpu_memory_utilization" not in kwargs["engine_kwargs"]
     assert "lora_config" not in kwargs

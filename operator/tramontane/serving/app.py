@@ -453,6 +453,7 @@ def build_app(args: dict[str, Any]) -> Any:
     ingress_options = maybe_apply_llm_deployment_config_defaults(
         TramontaneIngress.get_deployment_options([llm_config]), {}
     )
+    ingress_options["ray_actor_options"] = config.INGRESS_ACTOR_OPTIONS
     ingress_cls = make_fastapi_ingress(
         TramontaneIngress, endpoint_map=ENDPOINTS, app=fastapi_app(parsed)
     )

@@ -111,6 +111,22 @@ def autoscaling_config(args: ServingArgs) -> dict[str, Any]:
     }
 
 
+# The ingress relays requests (auth, names, usage) and asks Ray for no CPU, as Ray Serve LLM's own
+# router does: it runs beside the proxy on any node, the head included, which offers no CPU (the
+# operator renders num-cpus 0 there so that engines land on workers).
+INGRESS_ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0}
+
+
+def deployment_config(args: ServingArgs) -> dict[str, Any]:
+    config: dict[str, Any] = {"autoscaling_config": autoscaling_config(args)}
+    if not args.accelerator.gpus:
+        # Ray Serve LLM adds the replica actor's CPU (1 by default) to the engine's bundle. On
+        # CPU the engine's bundle already stands for the cores the engine computes on; the
+        # actor only relays requests, so a worker pod of N cores hosts N engines, not N/2.
+        config["ray_actor_options"] = {"num_cpus": 0}
+    return config
+
+
 def placement_group_config(args: ServingArgs) -> dict[str, Any]:
     """Resources of one replica: its engine's GPUs (one bundle per tensor-parallel shard)."""
     if not args.accelerator.gpus:
@@ -130,7 +146,7 @@ def llm_config(args: ServingArgs, root: str) -> dict[str, Any]:
             "model_source": model_source(args.model.uri, root),
         },
         "engine_kwargs": engine_kwargs(args),
-        "deployment_config": {"autoscaling_config": autoscaling_config(args)},
+        "deployment_config": deployment_config(args),
         "placement_group_config": placement_group_config(args),
         "experimental_configs": {"stream_batching_interval_ms": stream_batching_interval_ms()},
         # vLLM's own metrics (TTFT, KV-cache usage, queue depth) through Ray's metrics agent.

@@ -460,6 +460,15 @@ def test_admission_policy_rejects_workloads_that_could_leave_the_regions(
     selector = _pod("selector", nodeSelector={"topology.kubernetes.io/region": "eu-west-3"})
     cluster.create({**selector, "metadata": {"name": "selector", "namespace": eu}})
     cluster.create({**_pod("free"), "metadata": {"name": "free", "namespace": anywhere}})
+    # A scheduled pod (spec.nodeName set by then) can still be labelled, as controllers do:
+    # KubeRay labels the Ray head that serves, and its Service selects on that label.
+    eventually(
+        lambda: cluster.json("get", "pod", "pinned", "-n", eu)["spec"].get("nodeName"),
+        30,
+        "the pod to be scheduled",
+    )
+    cluster.run("label", "pod", "pinned", "-n", eu, "ray.io/serve=true")
+    cluster.run("annotate", "pod", "pinned", "-n", eu, "example.com/note=kept")
 
     # RayClusters and RayServices: a worker group without the affinity is enough to refuse.
     pinned = _region_affinity("eu-west-3")

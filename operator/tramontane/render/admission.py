@@ -58,6 +58,15 @@ def policy_name(kind: str) -> str:
     return f"tramontane-residency-{kind.lower()}"
 
 
+def _checked_operations(kind: str) -> list[str]:
+    """A pod's placement (nodeSelector, affinity, nodeName) cannot change after it is created, and
+    the scheduler binds through the pods/binding subresource, not an update: checking updates of
+    pods would only refuse what cannot move them, such as a controller labelling a scheduled pod
+    (its spec.nodeName is set by then; KubeRay labels the Ray head that serves). Templates of Ray
+    objects can change, so their updates are checked too."""
+    return ["CREATE"] if kind == "Pod" else ["CREATE", "UPDATE"]
+
+
 def render_admission_policy(kind: str) -> dict[str, Any]:
     group, plural, pod_specs = POD_SPECS[kind]
     regions, zones = "params.spec.regions", "params.spec.zones"
@@ -77,7 +86,7 @@ def render_admission_policy(kind: str) -> dict[str, Any]:
                         "apiGroups": [group],
                         "apiVersions": ["*"],
                         "resources": [plural],
-                        "operations": ["CREATE", "UPDATE"],
+                        "operations": _checked_operations(kind),
                     }
                 ]
             },

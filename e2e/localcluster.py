@@ -615,9 +615,10 @@ IMAGES = ("pause", "operator", "serving")  # what `make images` builds (e2e/imag
 
 
 def import_images() -> None:
-    """Import the images `make images` built (OCI archives) that the node's containerd lacks: a
-    kubelet cannot read an archive, and no registry serves them here. Only the pause image is
-    required (every pod's sandbox); the others are there once `make images` has built them."""
+    """Import the images `make images` built (OCI archives) into the node's containerd: a kubelet
+    cannot read an archive, and no registry serves them here. An image is imported again when
+    its archive changed (the archive's name carries the hash of its inputs). Only the pause image
+    is required (every pod's sandbox); the others are imported once `make images` built them."""
     ctr = [
         str(artifact_dirs()["containerd"] / "ctr"),
         f"--address={realnode.containerd_socket(STATE)}",
@@ -627,6 +628,8 @@ def import_images() -> None:
         [*ctr, "images", "ls", "-q"], capture_output=True, text=True, check=True
     )
     present = set(listed.stdout.split())
+    record = STATE / "node" / "imported-images.json"
+    imported: dict[str, str] = json.loads(record.read_text()) if record.exists() else {}
     for name in IMAGES:
         archive = Path(
             subprocess.run(
@@ -637,7 +640,7 @@ def import_images() -> None:
             ).stdout.strip()
         )
         reference = f"docker.io/tramontane/{name}:dev"
-        if reference in present:
+        if reference in present and imported.get(reference) == archive.name:
             continue
         if not archive.exists():
             if name == "pause":
@@ -655,6 +658,8 @@ def import_images() -> None:
         )
         if result.returncode != 0:
             raise ClusterError(f"importing {archive} failed: {result.stderr.strip()}")
+        imported[reference] = archive.name
+        record.write_text(json.dumps(imported, indent=2) + "\n")
         log(f"imported {reference} into the node's containerd ({time.monotonic() - started:.0f}s)")
 
 

@@ -50,13 +50,9 @@ node-binaries: ## Build only a real node's binaries: containerd, runc, kubelet, 
 images: venv-serving ## Build the serving, operator and pause images as OCI archives (root; no Docker; cached by their inputs)
 	@e2e/images.sh build
 
-# The images the real node needs now: its pods' sandbox, and the operator's (the node's tests run
-# it). `make images` builds the serving image too.
-NODE_IMAGES := $(if $(filter node,$(TRAMONTANE_CLUSTER_PROFILE)),node-images,)
-
-.PHONY: node-images
-node-images: venv-serving ## Build only the pause and operator images (what the real node's tests run)
-	@e2e/images.sh build pause operator
+# The real node runs our images (pause, operator, serving): built before the cluster starts,
+# which imports them into the node's containerd.
+NODE_IMAGES := $(if $(filter node,$(TRAMONTANE_CLUSTER_PROFILE)),images,)
 
 cluster: venv binaries $(NODE_IMAGES) ## Start the local cluster (or reuse a running one); kubeconfig at .cluster/kubeconfig
 	@$(CLUSTER) up

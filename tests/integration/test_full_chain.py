@@ -206,12 +206,29 @@ def chain(crds: Kubectl, operator: OperatorProcess) -> Iterator[Chain]:
 
         started = time.monotonic()
         cluster.create(_modeldeployment(tenant, model_dir))
+        premature: list[str] = []
+
+        def running() -> bool:
+            # Ready before the application runs would send clients to an endpoint that fails.
+            # The application's status is read around the deployment's, so that a transition
+            # between two reads is not taken for a premature Ready.
+            before = _app_status(cluster, tenant, "tiny")
+            md = cluster.json("get", "md", "tiny", "-n", tenant).get("status", {})
+            after = _app_status(cluster, tenant, "tiny")
+            ready = any(
+                c["type"] == "Ready" and c["status"] == "True" for c in md.get("conditions", [])
+            )
+            if ready and before == after and after not in (None, "RUNNING"):
+                premature.append(f"Ready while the application is {after}")
+            return after == "RUNNING"
+
         eventually(
-            lambda: _app_status(cluster, tenant, "tiny") == "RUNNING",
+            running,
             600,
             "the Serve application to be RUNNING (KubeRay, through the Ray dashboard)",
             interval=2,
         )
+        assert not premature, premature
         _timed(chain, "kubectl apply → Serve app RUNNING", started)
         eventually(lambda: _answers(chain), 120, "the endpoint to answer through its Service")
         _timed(chain, "kubectl apply → first answer through the Service", started)

@@ -401,6 +401,50 @@ def test_failed_serve_application_makes_it_unavailable() -> None:
     assert "CUDA OOM" in available.message
 
 
+def _with_apps(**apps_by_status: dict[str, str]) -> dict[str, Any]:
+    """A RayService whose status reports these application statuses, per status section."""
+    return {
+        **RAYSERVICE,
+        "status": {
+            section: {"rayClusterName": "llama-3-8b-abcde", "applicationStatuses": {
+                name: {"status": state} for name, state in apps.items()}}
+            for section, apps in apps_by_status.items()
+        },
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rayservice", "available"),
+    [
+        # First deployment: the pods are up but the engine still loads.
+        (_with_apps(pendingServiceStatus={"llama-3-8b": "DEPLOYING"}), False),
+        (_with_apps(activeServiceStatus={"llama-3-8b": "RUNNING"}), True),
+        # An upgrade: the old cluster serves while the new one deploys.
+        (
+            _with_apps(
+                activeServiceStatus={"llama-3-8b": "RUNNING"},
+                pendingServiceStatus={"llama-3-8b": "DEPLOYING"},
+            ),
+            True,
+        ),
+        # KubeRay has not reached the dashboard (nothing reported): the pods decide.
+        (RAYSERVICE, True),
+    ],
+)
+def test_available_requires_the_serve_application_running_once_kuberay_reports_it(
+    rayservice: dict[str, Any], available: bool
+) -> None:
+    status = compute_status(
+        md(), Observed(rayservice, raycluster(1, 1)), previous=None, options=OPTIONS, now=NOW
+    )
+    conditions = {c.type: c for c in status.conditions}
+    assert (conditions["Available"].status == "True") is available
+    assert (conditions["Ready"].status == "True") is available
+    if not available:
+        assert conditions["Available"].reason == "ServeApplicationNotRunning"
+        assert "is DEPLOYING" in conditions["Available"].message
+
+
 def test_transition_time_only_moves_when_a_condition_changes() -> None:
     ready = Observed(RAYSERVICE, raycluster(1, 1))
     first = compute_status(md(), ready, previous=None, options=OPTIONS, now=NOW)

@@ -48,6 +48,20 @@ def _failed_applications(rayservice: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _application_not_running(rayservice: dict[str, Any] | None, name: str) -> str | None:
+    """Why the Serve application does not serve yet, as KubeRay reports it from the Ray
+    dashboard: the serving cluster's status, or the pending one's before the first success
+    (during an upgrade the old cluster serves while the new one deploys). None when it is
+    RUNNING, or when KubeRay has reported nothing (it has not reached the dashboard)."""
+    status = (rayservice or {}).get("status", {})
+    for key in ("activeServiceStatus", "pendingServiceStatus"):
+        apps = status.get(key, {}).get("applicationStatuses") or {}
+        if apps:
+            state = (apps.get(name) or {}).get("status", "missing")
+            return None if state == "RUNNING" else f"Serve application {name} is {state}"
+    return None
+
+
 def _head_ready(raycluster: dict[str, Any]) -> bool:
     status = raycluster.get("status", {})
     head = find_raw(status.get("conditions", []), "HeadPodReady")
@@ -71,6 +85,43 @@ def _condition(md: ModelDeployment, now: datetime, kind: str, verdict: Verdict) 
         last_transition_time=now,
         observed_generation=md.generation,
     )
+
+
+def _availability(md: ModelDeployment, observed: Observed, ready_replicas: int) -> Verdict:
+    """Available: the RayService and its cluster exist, the Serve application runs (once KubeRay
+    reports it) and enough serving replicas are ready."""
+    raycluster = observed.raycluster
+    needed = md.spec.scaling.min_replicas
+    failed_apps = _failed_applications(observed.rayservice)
+    not_running = _application_not_running(observed.rayservice, md.name)
+    available: Verdict
+    if observed.rayservice is None:
+        available = (False, "RayServiceMissing", f"RayService {md.name} does not exist yet")
+    elif raycluster is None:
+        available = (False, "WaitingForRayCluster", "KubeRay has not created the RayCluster yet")
+    elif failed_apps:
+        available = (False, "ServeApplicationFailed", "; ".join(failed_apps))
+    elif not _head_ready(raycluster):
+        available = (
+            False,
+            "HeadNotReady",
+            f"Ray head of {raycluster['metadata']['name']} is not ready",
+        )
+    elif ready_replicas < needed:
+        available = (
+            False, "ReplicasNotReady",
+            f"{ready_replicas}/{needed} minimum serving replicas ready "
+            f"(RayCluster {raycluster['metadata']['name']})",
+        )  # fmt: skip
+    elif not_running:
+        available = (False, "ServeApplicationNotRunning", not_running)
+    else:
+        available = (
+            True, "ReplicasReady",
+            f"{ready_replicas} serving replicas ready (minimum {needed}) in RayCluster "
+            f"{raycluster['metadata']['name']}",
+        )  # fmt: skip
+    return available
 
 
 def compute_status(
@@ -109,33 +160,7 @@ def compute_status(
     status = (raycluster or {}).get("status", {})
     replicas = int(status.get("availableWorkerReplicas", 0))
     ready_replicas = int(status.get("readyWorkerReplicas", 0))
-    needed = md.spec.scaling.min_replicas
-    failed_apps = _failed_applications(observed.rayservice)
-    available: Verdict
-    if observed.rayservice is None:
-        available = (False, "RayServiceMissing", f"RayService {md.name} does not exist yet")
-    elif raycluster is None:
-        available = (False, "WaitingForRayCluster", "KubeRay has not created the RayCluster yet")
-    elif failed_apps:
-        available = (False, "ServeApplicationFailed", "; ".join(failed_apps))
-    elif not _head_ready(raycluster):
-        available = (
-            False,
-            "HeadNotReady",
-            f"Ray head of {raycluster['metadata']['name']} is not ready",
-        )
-    elif ready_replicas < needed:
-        available = (
-            False, "ReplicasNotReady",
-            f"{ready_replicas}/{needed} minimum serving replicas ready "
-            f"(RayCluster {raycluster['metadata']['name']})",
-        )  # fmt: skip
-    else:
-        available = (
-            True, "ReplicasReady",
-            f"{ready_replicas} serving replicas ready (minimum {needed}) in RayCluster "
-            f"{raycluster['metadata']['name']}",
-        )  # fmt: skip
+    available = _availability(md, observed, ready_replicas)
     conditions = set_condition(conditions, _condition(md, now, AVAILABLE, available))
 
     ready: Verdict

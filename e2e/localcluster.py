@@ -262,9 +262,7 @@ def write_kubeconfig(path: Path, user: str) -> None:
         ],
         "current-context": "tramontane-local",
     }
-    text = yaml.safe_dump(config)
-    if not path.exists() or path.read_text() != text:  # running components keep theirs
-        path.write_text(text)
+    realnode.write_if_changed(path, yaml.safe_dump(config))  # running components keep theirs
     path.chmod(0o600)
 
 

@@ -34,6 +34,7 @@ NODE_ZONE = "eu-local-1a"
 # Pods need this toleration to land here: nothing else of the test suite's workloads (made for
 # the simulated fleet, with images no registry here serves) may start real containers.
 NODE_TAINT = {"key": "tramontane.dev/real-node", "value": "true", "effect": "NoSchedule"}
+NODE_TOLERATION = {"key": NODE_TAINT["key"], "operator": "Exists", "effect": "NoSchedule"}
 PAUSE_IMAGE = "docker.io/tramontane/pause:dev"
 KUBELET_PORT = 10250
 KUBELET_HEALTHZ_PORT = 10248
@@ -286,9 +287,9 @@ def coredns_rbac() -> list[dict[str, Any]]:
     ]
 
 
-def _write_if_changed(path: Path, text: str) -> None:
+def write_if_changed(path: Path, text: str) -> None:
     """kube-proxy exits when its configuration file is written, even with the same content, so
-    a reused cluster's files are only rewritten when they really change."""
+    a reused cluster's files (configurations, kubeconfigs) are only rewritten when they change."""
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
 
@@ -306,7 +307,7 @@ def write_configs(state: Path, pki: Path, dirs: dict[str, Path]) -> None:
         node / "resolv.conf": f"nameserver {NODE_IP}\n",
     }
     for path, text in files.items():
-        _write_if_changed(path, text)
+        write_if_changed(path, text)
 
 
 # --------------------------------------------------------------------------------- processes

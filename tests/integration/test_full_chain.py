@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(
 
 ADAPTER = "finance-reports"
 SERVED_NAME = "tiny-llama"
-TOLERATION = {"key": realnode.NODE_TAINT["key"], "operator": "Exists", "effect": "NoSchedule"}
+TOLERATION = realnode.NODE_TOLERATION
 REPORT = localcluster.STATE / "full-chain.json"
 
 

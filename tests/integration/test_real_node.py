@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 IMAGE = "docker.io/tramontane/operator:dev"
-TOLERATION = {"key": realnode.NODE_TAINT["key"], "operator": "Exists", "effect": "NoSchedule"}
+TOLERATION = realnode.NODE_TOLERATION
 
 
 def restricted_pod(name: str, command: list[str], **labels: str) -> dict[str, Any]:

@@ -338,3 +338,47 @@ def test_each_reconcile_exports_an_opentelemetry_span_over_otlp(
     assert span.service == "tramontane-operator"
     assert span.attributes["tramontane.deployment"] == "traced"
     assert span.attributes["tramontane.model"] == "llama-3.1-8b-instruct"
+
+
+def test_a_missing_model_claim_is_reported_until_the_claim_appears(
+    cluster: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.apply(sample(namespace, "on-claim", model={"uri": "pvc://weights/llama-3-8b",
+                                                       "servedName": "llama"}))  # fmt: skip
+
+    def reported(reason: str) -> Any:
+        def check() -> dict[str, Any] | None:
+            md = get(cluster, "md", namespace, "on-claim")
+            return md if md and condition(md, "ModelSourceReady").get("reason") == reason else None
+
+        return check
+
+    md = eventually(reported("ClaimNotFound"), 60, "ModelSourceReady=False ClaimNotFound")
+    assert condition(md, "ModelSourceReady")["status"] == "False"
+    assert "weights" in condition(md, "ModelSourceReady")["message"]
+    assert condition(md, "Ready")["reason"] == "ClaimNotFound"
+    # The operator watches claims: a bound claim turns the condition without touching the spec.
+    volume = f"{namespace}-weights"
+    cluster.apply(
+        {
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+                     "storageClassName": "", "claimRef": {"namespace": namespace,
+                                                          "name": "weights"},
+                     "hostPath": {"path": "/nonexistent-weights"}},
+        },
+        {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "weights", "namespace": namespace},
+            "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                     "volumeName": volume, "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )  # fmt: skip
+    try:
+        md = eventually(reported("ClaimBound"), 60, "ModelSourceReady=True ClaimBound")
+        assert condition(md, "ModelSourceReady")["status"] == "True"
+        assert md["metadata"]["generation"] == 1
+    finally:
+        cluster.run("delete", "md", "on-claim", "-n", namespace, "--wait=true")
+        cluster.run("delete", "pvc", "weights", "-n", namespace, "--wait=false")
+        cluster.run("delete", "pv", volume, "--wait=false")

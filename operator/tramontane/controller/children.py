@@ -15,6 +15,8 @@ import json
 import threading
 from typing import Any
 
+from tramontane.render.status import PodProblem
+
 Key = tuple[str, str, str]  # kind, namespace, name
 
 
@@ -99,3 +101,37 @@ class ChildCache:
 
 
 cache = ChildCache()
+
+
+class PodProblems:
+    """The failing serving pods of each ModelDeployment, from the watch of Ray pods (see
+    render.status.pod_problem). Only failures are kept: a thousand healthy deployments cost
+    nothing here."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._problems: dict[tuple[str, str], dict[str, PodProblem]] = {}
+
+    def observe(
+        self, namespace: str, deployment: str, pod: str, problem: PodProblem | None
+    ) -> bool:
+        """Record a pod's state; True when that changed what its deployment reports."""
+        key = (namespace, deployment)
+        with self._lock:
+            problems = self._problems.setdefault(key, {})
+            before = problems.get(pod)
+            if problem is None:
+                problems.pop(pod, None)
+            else:
+                problems[pod] = problem
+            if not problems:
+                self._problems.pop(key, None)
+            return before != problem
+
+    def of(self, namespace: str, deployment: str) -> tuple[PodProblem, ...]:
+        with self._lock:
+            problems = self._problems.get((namespace, deployment), {})
+            return tuple(problems[name] for name in sorted(problems))
+
+
+pod_problems = PodProblems()

@@ -19,11 +19,18 @@ from typing import Any
 import kopf
 
 from tramontane.api.tenancy import ResidencyPolicy
+from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.controller import admission, children, reconcile, tenants
 from tramontane.controller import settings as environment
 from tramontane.controller.kube import MODELDEPLOYMENT, TENANT, Kube
 from tramontane.render.admission import render_bindings
-from tramontane.render.rayservice import DEPLOYMENT_LABEL, FIELD_MANAGER, RenderOptions
+from tramontane.render.rayservice import (
+    DEPLOYMENT_LABEL,
+    FIELD_MANAGER,
+    RenderOptions,
+    model_claims,
+)
+from tramontane.render.status import pod_problem
 from tramontane.render.tenant import TENANT_LABEL, TenantOptions
 
 log = logging.getLogger(__name__)
@@ -185,6 +192,45 @@ def podmonitor_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any
 ) -> None:
     _owner_event("PodMonitor", event, body, namespace)
+
+
+@kopf.on.event("", "v1", "persistentvolumeclaims")
+def claim_event(event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None,
+                **_: Any) -> None:  # fmt: skip
+    """A claim appearing, binding or going away changes ModelSourceReady of the deployments
+    whose pvc:// sources name it."""
+    if namespace is None:
+        return
+    before = children.cache.observed("PersistentVolumeClaim", namespace, name)
+    if event.get("type") == "DELETED":
+        children.cache.forget("PersistentVolumeClaim", namespace, name)
+        after = None
+    else:
+        children.cache.observe({"kind": "PersistentVolumeClaim", **dict(body)})
+        after = children.cache.observed("PersistentVolumeClaim", namespace, name)
+    if before is not None and after is not None and _phase(before) == _phase(after):
+        return  # a resize or a label: nothing deployments report on
+    for item in admission.index.deployments(runtime.client(), namespace):
+        if name in model_claims(ModelDeployment.from_body(item)):
+            reconcile_by_name(namespace, item["metadata"]["name"])
+
+
+def _phase(claim: dict[str, Any]) -> str | None:
+    phase = claim.get("status", {}).get("phase")
+    return str(phase) if phase else None
+
+
+@kopf.on.event("", "v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+def serving_pod_event(event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None,
+                      **_: Any) -> None:  # fmt: skip
+    """A Ray pod that starts or stops failing (crash loop, image pull, bad config) changes its
+    deployment's PodsHealthy condition."""
+    owner = body.get("metadata", {}).get("labels", {}).get(DEPLOYMENT_LABEL)
+    if namespace is None or not owner:
+        return
+    problem = None if event.get("type") == "DELETED" else pod_problem(dict(body))
+    if children.pod_problems.observe(namespace, owner, name, problem):
+        reconcile_by_name(namespace, owner)
 
 
 @kopf.on.startup()

@@ -47,6 +47,7 @@ RAYCLUSTER = Kind("ray.io", "v1", "rayclusters")
 PODMONITOR = Kind("monitoring.coreos.com", "v1", "podmonitors")
 MODELDEPLOYMENT = Kind("tramontane.dev", "v1alpha1", "modeldeployments")
 EVENT = Kind("events.k8s.io", "v1", "events")
+PERSISTENTVOLUMECLAIM = Kind("", "v1", "persistentvolumeclaims")
 
 TENANT = Kind("tramontane.dev", "v1alpha1", "tenants", namespaced=False)
 RESIDENCYPOLICY = Kind("tramontane.dev", "v1alpha1", "residencypolicies", namespaced=False)

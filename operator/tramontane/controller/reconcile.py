@@ -24,14 +24,26 @@ from tramontane.controller import children, telemetry
 from tramontane.controller.kube import (
     MODELDEPLOYMENT,
     NAMESPACE,
+    PERSISTENTVOLUMECLAIM,
     RAYCLUSTER,
     RAYSERVICE,
     RESIDENCYPOLICY,
     Kube,
 )
 from tramontane.policy.residency import disallowed_sources, region_requirements
-from tramontane.render.rayservice import FIELD_MANAGER, RenderOptions, render_children
-from tramontane.render.status import Observed, compute_status, serving_cluster_name, transitions
+from tramontane.render.rayservice import (
+    FIELD_MANAGER,
+    RenderOptions,
+    model_claims,
+    render_children,
+)
+from tramontane.render.status import (
+    ClaimState,
+    Observed,
+    compute_status,
+    serving_cluster_name,
+    transitions,
+)
 from tramontane.render.tenant import POLICY_LABEL, TENANT_LABEL
 
 log = logging.getLogger(__name__)
@@ -102,6 +114,8 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
                 raycluster=raycluster,
                 apply_error=apply_error,
                 residency=residency,
+                claims=_claims(kube, md),
+                pod_problems=children.pod_problems.of(md.namespace, md.name),
             ),
             previous=previous,
             options=options,
@@ -206,6 +220,23 @@ def _residency(
     return (ConditionStatus.TRUE, "WithinPolicy",
             f"Ray pods required to run in {where} by ResidencyPolicy {policy.name} "
             f"({policy.spec.jurisdiction})"), placement  # fmt: skip
+
+
+def _claims(kube: Kube, md: ModelDeployment) -> tuple[ClaimState, ...]:
+    """The claims its pvc:// sources name, from the claims watch (read from the API when the
+    watch has not listed them yet, e.g. right after a restart)."""
+    states = []
+    for name in model_claims(md):
+        claim = children.cache.observed("PersistentVolumeClaim", md.namespace, name)
+        if claim is None:
+            try:
+                claim = kube.get(PERSISTENTVOLUMECLAIM, md.namespace, name)
+            except ApiException as error:
+                log.warning("cannot read claim %s/%s: %s", md.namespace, name, error.reason)
+                continue  # unknown is not missing: say nothing rather than something false
+        phase = claim.get("status", {}).get("phase", "Pending") if claim else None
+        states.append(ClaimState(name, phase))
+    return tuple(states)
 
 
 def _withdraw(kube: Kube, md: ModelDeployment, why: str) -> None:

@@ -14,7 +14,78 @@ RECONCILED = "Reconciled"
 RESIDENCY = "ResidencyCompliant"
 AVAILABLE = "Available"
 READY = "Ready"
+MODEL_SOURCE = "ModelSourceReady"
+PODS_HEALTHY = "PodsHealthy"
 _FAILED_APP_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
+# Container waiting reasons that do not resolve by waiting: the pod needs a fix (image, args,
+# config, memory). ContainerCreating and PodInitializing are normal steps and are not listed.
+FAILING_WAITING_REASONS = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "ErrImageNeverPull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+# A condition message is read on a terminal: a Serve traceback is cut to its last lines.
+MESSAGE_LIMIT = 1024
+
+
+def brief(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """The end of a long message (a traceback's last lines say what failed)."""
+    text = text.strip()
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    """A PersistentVolumeClaim named by a pvc:// source, as observed (None: it does not exist)."""
+
+    name: str
+    phase: str | None
+
+
+@dataclass(frozen=True)
+class PodProblem:
+    """A serving pod that will not become ready by itself, with its container's reason."""
+
+    pod: str
+    reason: str
+    message: str
+
+
+def pod_problem(pod: dict[str, Any]) -> PodProblem | None:
+    """Why a Ray pod is failing (a crash loop, an image that cannot be pulled, a bad config),
+    from its container statuses; None for a pod that is fine or still starting."""
+    name = str(pod.get("metadata", {}).get("name", "?"))
+    status = pod.get("status") or {}
+    if status.get("phase") == "Failed":
+        failure = str(status.get("reason") or "PodFailed")
+        return PodProblem(name, failure, f"pod {name} failed: {status.get('message', failure)}")
+    statuses = [
+        *(status.get("initContainerStatuses") or []),
+        *(status.get("containerStatuses") or []),
+    ]
+    for container in statuses:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason not in FAILING_WAITING_REASONS:
+            continue
+        message = f"pod {name} container {container.get('name')}: {reason}"
+        last = (container.get("lastState") or {}).get("terminated") or {}
+        if last:
+            message += (
+                f", last exit code {last.get('exitCode')} ({last.get('reason', 'Error')}),"
+                f" {container.get('restartCount', 0)} restarts"
+            )
+        if waiting.get("message"):
+            message += f": {waiting['message']}"
+        return PodProblem(name, str(reason), brief(message, 512))
+    return None
 
 
 @dataclass(frozen=True)
@@ -26,6 +97,10 @@ class Observed:
     apply_error: str | None = None
     # (status, reason, message) of ResidencyCompliant; None: the namespace has no tenant.
     residency: tuple[ConditionStatus, str, str] | None = None
+    # The claims named by pvc:// sources; sources of other schemes are fetched by the engine.
+    claims: tuple[ClaimState, ...] = ()
+    # Serving pods that fail (see pod_problem), in name order.
+    pod_problems: tuple[PodProblem, ...] = ()
 
 
 def serving_cluster_name(rayservice: dict[str, Any] | None) -> str | None:
@@ -100,7 +175,7 @@ def _availability(md: ModelDeployment, observed: Observed, ready_replicas: int) 
     elif raycluster is None:
         available = (False, "WaitingForRayCluster", "KubeRay has not created the RayCluster yet")
     elif failed_apps:
-        available = (False, "ServeApplicationFailed", "; ".join(failed_apps))
+        available = (False, "ServeApplicationFailed", brief("; ".join(failed_apps)))
     elif not _head_ready(raycluster):
         available = (
             False,
@@ -122,6 +197,33 @@ def _availability(md: ModelDeployment, observed: Observed, ready_replicas: int) 
             f"{raycluster['metadata']['name']}",
         )  # fmt: skip
     return available
+
+
+def _model_source(md: ModelDeployment, claims: tuple[ClaimState, ...]) -> Verdict:
+    """ModelSourceReady: every claim a pvc:// source names exists and is bound. Sources of other
+    schemes (s3, gs, hf) are fetched by the engine when it starts: the operator cannot see them."""
+    missing = [claim.name for claim in claims if claim.phase is None]
+    if missing:
+        return (False, "ClaimNotFound",
+                f"PersistentVolumeClaim {', '.join(missing)} named by the model sources does "
+                f"not exist in namespace {md.namespace}")  # fmt: skip
+    unbound = [f"{claim.name} ({claim.phase})" for claim in claims if claim.phase != "Bound"]
+    if unbound:
+        return (False, "ClaimNotBound",
+                f"PersistentVolumeClaim {', '.join(unbound)} is not bound to a volume")  # fmt: skip
+    if claims:
+        return (True, "ClaimBound",
+                f"PersistentVolumeClaim {', '.join(c.name for c in claims)} bound")  # fmt: skip
+    return (True, "FetchedByEngine",
+            f"{md.spec.model.uri} is fetched by the engine when it starts")  # fmt: skip
+
+
+def _pods_healthy(problems: tuple[PodProblem, ...]) -> Verdict:
+    if not problems:
+        return (True, "NoFailingPods", "no serving pod is failing")
+    # The first failing pod's container reason (CrashLoopBackOff, ImagePullBackOff…) says what
+    # kind of fix is needed; the message lists every failing pod.
+    return (False, problems[0].reason, brief("; ".join(p.message for p in problems)))
 
 
 def compute_status(
@@ -162,12 +264,20 @@ def compute_status(
     ready_replicas = int(status.get("readyWorkerReplicas", 0))
     available = _availability(md, observed, ready_replicas)
     conditions = set_condition(conditions, _condition(md, now, AVAILABLE, available))
+    model_source = _model_source(md, observed.claims)
+    conditions = set_condition(conditions, _condition(md, now, MODEL_SOURCE, model_source))
+    pods_healthy = _pods_healthy(observed.pod_problems)
+    conditions = set_condition(conditions, _condition(md, now, PODS_HEALTHY, pods_healthy))
 
     ready: Verdict
     if residency.status is ConditionStatus.FALSE:
         ready = (False, residency.reason, residency.message)
     elif reconciled.status is not ConditionStatus.TRUE:
         ready = (False, reconciled.reason, reconciled.message)
+    elif not model_source[0]:
+        ready = model_source
+    elif not available[0] and not pods_healthy[0]:
+        ready = pods_healthy  # why it is unavailable: the container's own reason
     elif not available[0]:
         ready = (False, available[1], available[2])
     else:

@@ -268,6 +268,34 @@ def test_over_quota_deployment_is_rejected_naming_quota_and_use(
     assert "quota.gpus is 8" in rejected.value.stderr
 
 
+def test_the_namespace_quota_leaves_room_for_one_upgrade_at_the_quota_edge(
+    cluster: Kubectl, make_tenant: Any
+) -> None:
+    """KubeRay builds the upgraded cluster beside the serving one (zero downtime). At the quota
+    edge, the namespace's ResourceQuota must leave room for it, or its GPU workers are refused
+    and the upgrade never finishes; the webhook still caps deployments at quota.gpus."""
+    tenant = make_tenant("eu", gpus=2)
+    md = _eu_sample(tenant, "edge")
+    md["spec"]["accelerator"] = {"type": "H100", "count": 2}
+    md["spec"]["scaling"] = {"minReplicas": 1, "maxReplicas": 1}
+    cluster.apply(md)
+    wait_ready(cluster, tenant, "edge", timeout=120)
+
+    def hard_gpus() -> str:
+        quota = cluster.json("get", "resourcequota", "tramontane-tenant", "-n", tenant)
+        return str(quota["spec"]["hard"]["requests.nvidia.com/gpu"])
+
+    eventually(lambda: hard_gpus() == "4", 60, "room for one upgrade of the 2-GPU deployment")
+    # Room for exactly one more 2-GPU worker: the upgraded cluster's (no GPU exists here, so
+    # the quota's arithmetic is what is checked; KubeRay makes that pod during an upgrade).
+    used = cluster.json("get", "resourcequota", "tramontane-tenant", "-n", tenant)["status"]
+    assert used["used"]["requests.nvidia.com/gpu"] == "2"
+    # The steady state is still capped at quota.gpus by the webhook.
+    over = _eu_sample(tenant, "over")
+    result = cluster.create(over, check=False)
+    assert result.returncode != 0 and "quota.gpus is 2" in result.stderr
+
+
 def test_modeldeployment_outside_a_tenant_namespace_is_rejected(
     cluster: Kubectl, presets: Kubectl, operator: OperatorProcess, namespace: str
 ) -> None:

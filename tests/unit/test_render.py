@@ -459,3 +459,48 @@ def test_transition_time_only_moves_when_a_condition_changes() -> None:
     assert changed == {"Available", "Ready"}
     reconciled = next(c for c in degraded.conditions if c.type == "Reconciled")
     assert reconciled.last_transition_time == NOW
+
+
+def _cluster_spec_as_kuberay_compares_it(rayservice: dict[str, Any]) -> dict[str, Any]:
+    """rayClusterConfig without what KubeRay ignores when it decides on a new cluster
+    (generateHashWithoutReplicasAndWorkersToDelete: worker replicas, min and max)."""
+    config = dict(rayservice["spec"]["rayClusterConfig"])
+    config["workerGroupSpecs"] = [
+        {k: v for k, v in group.items() if k not in ("replicas", "minReplicas", "maxReplicas")}
+        for group in config["workerGroupSpecs"]
+    ]
+    return config
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": {"uri": "s3://eu-models/llama-3-8b", "revision": "v2", "servedName": "llama"}},
+        {"engine": {"maxModelLen": 4096}},
+        {"adapters": []},
+    ],
+)
+def test_an_engine_change_makes_kuberay_build_a_new_cluster(change: dict[str, Any]) -> None:
+    before = render_rayservice(md(), OPTIONS)
+    after = render_rayservice(md(**change), OPTIONS)
+    assert _cluster_spec_as_kuberay_compares_it(before) != _cluster_spec_as_kuberay_compares_it(
+        after
+    )
+    for rendered in (before, after):
+        config = rendered["spec"]["rayClusterConfig"]
+        templates = [config["headGroupSpec"]["template"]] + [
+            g["template"] for g in config["workerGroupSpecs"]
+        ]
+        hashes = {t["metadata"]["annotations"]["tramontane.dev/engine-config"] for t in templates}
+        assert len(hashes) == 1
+
+
+def test_a_scaling_change_is_applied_in_place_without_a_new_cluster() -> None:
+    before = render_rayservice(md(), OPTIONS)
+    scaling = {"minReplicas": 2, "maxReplicas": 6, "targetOngoingRequests": 4,
+               "upscaleDelaySeconds": 5, "downscaleDelaySeconds": 30}  # fmt: skip
+    after = render_rayservice(md(scaling=scaling), OPTIONS)
+    assert before["spec"]["serveConfigV2"] != after["spec"]["serveConfigV2"]
+    assert _cluster_spec_as_kuberay_compares_it(before) == _cluster_spec_as_kuberay_compares_it(
+        after
+    )

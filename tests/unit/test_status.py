@@ -153,3 +153,25 @@ def test_many_failing_pods_fit_one_message() -> None:
     )  # fmt: skip
     healthy = next(c for c in status.conditions if c.type == "PodsHealthy")
     assert len(healthy.message) <= MESSAGE_LIMIT
+
+
+def test_an_upgrade_in_flight_says_which_cluster_serves_and_which_starts() -> None:
+    both = {
+        "status": {
+            "activeServiceStatus": {"rayClusterName": "tiny-old"},
+            "pendingServiceStatus": {"rayClusterName": "tiny-new"},
+        }
+    }
+    status = compute_status(
+        md(), Observed(both, raycluster(1)), previous=None, options=RenderOptions(), now=NOW
+    )
+    upgrading = next(c for c in status.conditions if c.type == "Upgrading")
+    assert (upgrading.status.value, upgrading.reason) == ("True", "NewClusterStarting")
+    assert "tiny-new" in upgrading.message and "tiny-old serves" in upgrading.message
+    assert status.ray_cluster_name == "tiny-old"
+    done = {"status": {"activeServiceStatus": {"rayClusterName": "tiny-new"}}}
+    status = compute_status(
+        md(), Observed(done, raycluster(1)), previous=status, options=RenderOptions(), now=NOW
+    )
+    assert status.ray_cluster_name == "tiny-new"
+    assert conditions(Observed(done, raycluster(1)))["Upgrading"] == ("False", "UpToDate")

@@ -306,7 +306,8 @@ class ModelDeploymentStatus(ApiModel):
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Reconciled, Available and the summary Ready.",
+        description="Reconciled, ResidencyCompliant, ModelSourceReady, Available, PodsHealthy, "
+        "Upgrading and the summary Ready.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
@@ -318,6 +319,11 @@ class ModelDeploymentStatus(ApiModel):
         default=None, description="In-cluster URL of the OpenAI-compatible API."
     )
     ray_service_name: str | None = Field(default=None, description="The RayService serving this.")
+    ray_cluster_name: str | None = Field(
+        default=None,
+        description="The RayCluster that serves (during an upgrade: the old one, until the new "
+        "one runs).",
+    )
     selector: str | None = Field(
         default=None, description="Label selector of the serving pods (scale subresource)."
     )

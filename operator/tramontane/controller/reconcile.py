@@ -57,6 +57,9 @@ _EVENT_REASONS = {
     ("Available", ConditionStatus.TRUE): ("Normal", "Available"),
     ("Available", ConditionStatus.FALSE): ("Normal", "Unavailable"),
     ("Ready", ConditionStatus.TRUE): ("Normal", "Ready"),
+    ("Upgrading", ConditionStatus.TRUE): ("Normal", "UpgradeStarted"),
+    ("PodsHealthy", ConditionStatus.FALSE): ("Warning", "PodsFailing"),
+    ("ModelSourceReady", ConditionStatus.FALSE): ("Warning", "ModelSourceNotReady"),
 }
 
 
@@ -128,19 +131,7 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
                 if error.status != 404:  # deleted meanwhile: nothing to report on
                     raise
                 return
-            for condition in transitions(previous, status):
-                if previous is None and condition.status is not ConditionStatus.TRUE:
-                    continue  # a new object is not yet available: that is no news
-                event = _EVENT_REASONS.get((condition.type, condition.status))
-                if event:
-                    kube.event(
-                        body,
-                        type_=event[0],
-                        reason=event[1],
-                        note=condition.message,
-                        action="Reconcile",
-                        controller=CONTROLLER_NAME,
-                    )
+            _post_events(kube, body, previous, status)
         _remember(md, status.to_wire())
         condition_counts.update(
             f"{md.namespace}/{md.name}", {c.type: c.status.value for c in status.conditions}
@@ -151,6 +142,39 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
         telemetry.RECONCILE_DURATION.labels(KIND).observe(time.perf_counter() - started)
         if apply_error:
             raise ReconcileError(apply_error)
+
+
+def _post_events(
+    kube: Kube,
+    body: dict[str, Any],
+    previous: ModelDeploymentStatus | None,
+    status: ModelDeploymentStatus,
+) -> None:
+    """Events for what changed: condition transitions, and the switch to an upgraded cluster."""
+    before = previous.ray_cluster_name if previous else None
+    if before and status.ray_cluster_name and before != status.ray_cluster_name:
+        kube.event(
+            body,
+            type_="Normal",
+            reason="ServingClusterChanged",
+            note=f"now served by RayCluster {status.ray_cluster_name} "
+            f"(was {before}, which KubeRay deletes after its delay)",
+            action="Upgrade",
+            controller=CONTROLLER_NAME,
+        )
+    for condition in transitions(previous, status):
+        if previous is None and condition.status is not ConditionStatus.TRUE:
+            continue  # a new object is not yet available: that is no news
+        event = _EVENT_REASONS.get((condition.type, condition.status))
+        if event:
+            kube.event(
+                body,
+                type_=event[0],
+                reason=event[1],
+                note=condition.message,
+                action="Reconcile",
+                controller=CONTROLLER_NAME,
+            )
 
 
 # What the last reconcile of each ModelDeployment wrote: (uid, generation, status).

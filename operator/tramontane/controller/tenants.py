@@ -31,7 +31,9 @@ def _quota_computed(quota: dict[str, Any]) -> bool:
     return status.get("hard") == hard and all(resource in used for resource in hard)
 
 
-def _verdict(tenant: Tenant, kube: Kube, options: TenantOptions) -> tuple[bool, str, str]:
+def _verdict(
+    tenant: Tenant, kube: Kube, options: TenantOptions, deployments: list[ModelDeployment]
+) -> tuple[bool, str, str]:
     """Apply the tenant's objects if it can be done safely; say what happened."""
     policy_body = kube.get(RESIDENCYPOLICY, None, tenant.spec.residency_policy)
     if policy_body is None:
@@ -46,7 +48,12 @@ def _verdict(tenant: Tenant, kube: Kube, options: TenantOptions) -> tuple[bool, 
         message = f"namespace {tenant.spec.namespace} already exists and belongs to {whose}"
         return (False, "NamespaceTaken", message)
     quota_computed = True
-    for manifest in render_tenant(tenant, policy, options):
+    deployments.extend(
+        ModelDeployment.from_body(item)
+        for item in kube.list_all(MODELDEPLOYMENT, tenant.spec.namespace)
+    )
+    upgrade_gpus = max((gpus_at_max_scale(md) for md in deployments), default=0)
+    for manifest in render_tenant(tenant, policy, options, upgrade_gpus):
         applied = kube.apply(manifest, FIELD_MANAGER)
         if manifest["kind"] == "ResourceQuota":
             quota_computed = _quota_computed(applied)
@@ -69,16 +76,14 @@ def reconcile_tenant(kube: Kube, body: dict[str, Any], options: TenantOptions) -
         "reconcile Tenant", attributes={"tramontane.tenant": tenant.name}
     ):
         result = "success"
+        deployments: list[ModelDeployment] = []  # filled once the namespace is known to be ours
         try:
-            verdict = _verdict(tenant, kube, options)
+            verdict = _verdict(tenant, kube, options, deployments)
         except ApiException as error:
             result = "error"
             verdict = (False, "ApplyFailed", f"{error.status} {error.reason}")
             log.warning("tenant %s: apply failed: %s", tenant.name, error.body)
-        deployments = [
-            ModelDeployment.from_body(item)
-            for item in kube.list_all(MODELDEPLOYMENT, tenant.spec.namespace)
-        ] if verdict[0] else []  # fmt: skip
+        deployments = deployments if verdict[0] else []
         previous_raw = body.get("status") or {}
         previous = TenantStatus.model_validate(previous_raw) if previous_raw else None
         ready = Condition(

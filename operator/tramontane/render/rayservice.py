@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -63,6 +65,28 @@ class RenderOptions:
     # OTLP/HTTP endpoint that the serving app sends its request spans to, e.g.
     # http://otel-collector.observability:4318; None: the serving app exports no spans.
     otlp_endpoint: str | None = None
+
+
+IDLE_WORKER_TIMEOUT_S = 60
+ENGINE_CONFIG_ANNOTATION = "tramontane.dev/engine-config"
+
+
+def engine_config_hash(args: ServingArgs) -> str:
+    """A digest of what the engines load: model, revision, adapters, engine arguments and
+    accelerator. It annotates the Ray pod templates, so a change of any of these changes the
+    RayCluster spec and KubeRay's NewCluster upgrade serves it from a new cluster, the old one
+    serving until the new one runs (zero downtime). Scaling and API-key changes are left out:
+    Serve applies them in place, without restarting an engine."""
+    engine = args.to_wire()
+    loaded = {key: engine.get(key) for key in ("model", "adapters", "engine", "accelerator")}
+    return hashlib.sha256(json.dumps(loaded, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _template_metadata(md: ModelDeployment, args: ServingArgs) -> dict[str, Any]:
+    return {
+        "labels": labels(md),
+        "annotations": {ENGINE_CONFIG_ANNOTATION: engine_config_hash(args)},
+    }
 
 
 def labels(md: ModelDeployment) -> dict[str, str]:
@@ -268,7 +292,10 @@ def _port(name: str, port: int) -> dict[str, Any]:
 
 
 def _head_group(
-    md: ModelDeployment, options: RenderOptions, placement: list[dict[str, Any]]
+    md: ModelDeployment,
+    options: RenderOptions,
+    placement: list[dict[str, Any]],
+    args: ServingArgs,
 ) -> dict[str, Any]:
     volumes, mounts = _volumes(md)
     head = md.spec.resources.head
@@ -296,7 +323,7 @@ def _head_group(
             "dashboard-host": "0.0.0.0",  # noqa: S104 (in-pod listener)
         },
         "template": {
-            "metadata": {"labels": labels(md)},
+            "metadata": _template_metadata(md, args),
             "spec": {
                 "securityContext": restricted_pod_security(),
                 "containers": [container],
@@ -338,7 +365,10 @@ def _gpu_requirement(accelerator: AcceleratorType) -> dict[str, Any]:
 
 
 def _worker_group(
-    md: ModelDeployment, options: RenderOptions, placement: list[dict[str, Any]]
+    md: ModelDeployment,
+    options: RenderOptions,
+    placement: list[dict[str, Any]],
+    args: ServingArgs,
 ) -> dict[str, Any]:
     spec = md.spec
     gpus = spec.accelerator.gpus
@@ -378,7 +408,7 @@ def _worker_group(
         "maxReplicas": spec.scaling.max_replicas,
         "numOfHosts": 1,
         "rayStartParams": {},
-        "template": {"metadata": {"labels": labels(md)}, "spec": pod_spec},
+        "template": {"metadata": _template_metadata(md, args), "spec": pod_spec},
     }
 
 
@@ -390,7 +420,7 @@ def render_rayservice(
 ) -> dict[str, Any]:
     """`placement`: node-selector requirements every Ray pod must meet (residency regions)."""
     placement = placement or []
-    spec = md.spec
+    args = args or ServingArgs.from_model_deployment(md)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -403,13 +433,15 @@ def render_rayservice(
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {
                     "upscalingMode": "Default",
-                    # Ray removes an idle worker after this; Serve's own downscale delay runs first.
-                    "idleTimeoutSeconds": max(60, spec.scaling.downscale_delay_seconds),
+                    # Serve's downscale delay decides when a replica goes; its worker pod, idle
+                    # from then on, goes this much later. A constant: a value derived from the
+                    # spec would make a scaling change rebuild the cluster (KubeRay hashes this).
+                    "idleTimeoutSeconds": IDLE_WORKER_TIMEOUT_S,
                     "securityContext": restricted_container_security(),
                     "resources": _resources(options.autoscaler_cpu, options.autoscaler_memory, 0),
                 },
-                "headGroupSpec": _head_group(md, options, placement),
-                "workerGroupSpecs": [_worker_group(md, options, placement)],
+                "headGroupSpec": _head_group(md, options, placement, args),
+                "workerGroupSpecs": [_worker_group(md, options, placement, args)],
             },
         },
     }

@@ -16,6 +16,7 @@ AVAILABLE = "Available"
 READY = "Ready"
 MODEL_SOURCE = "ModelSourceReady"
 PODS_HEALTHY = "PodsHealthy"
+UPGRADING = "Upgrading"
 _FAILED_APP_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
 # Container waiting reasons that do not resolve by waiting: the pod needs a fix (image, args,
 # config, memory). ContainerCreating and PodInitializing are normal steps and are not listed.
@@ -218,6 +219,21 @@ def _model_source(md: ModelDeployment, claims: tuple[ClaimState, ...]) -> Verdic
             f"{md.spec.model.uri} is fetched by the engine when it starts")  # fmt: skip
 
 
+def _upgrading(rayservice: dict[str, Any] | None) -> Verdict:
+    """An engine change makes KubeRay start a new cluster beside the serving one (NewCluster
+    upgrade); the Service moves to it once its Serve application runs."""
+    status = (rayservice or {}).get("status", {})
+    active = status.get("activeServiceStatus", {}).get("rayClusterName")
+    pending = status.get("pendingServiceStatus", {}).get("rayClusterName")
+    if active and pending:
+        return (True, "NewClusterStarting",
+                f"RayCluster {pending} is starting with the changed engine configuration; "
+                f"{active} serves until it runs")  # fmt: skip
+    if active:
+        return (False, "UpToDate", f"RayCluster {active} serves the current engine configuration")
+    return (False, "NotServingYet", "no RayCluster serves yet")
+
+
 def _pods_healthy(problems: tuple[PodProblem, ...]) -> Verdict:
     if not problems:
         return (True, "NoFailingPods", "no serving pod is failing")
@@ -268,6 +284,8 @@ def compute_status(
     conditions = set_condition(conditions, _condition(md, now, MODEL_SOURCE, model_source))
     pods_healthy = _pods_healthy(observed.pod_problems)
     conditions = set_condition(conditions, _condition(md, now, PODS_HEALTHY, pods_healthy))
+    upgrading = _upgrading(observed.rayservice)
+    conditions = set_condition(conditions, _condition(md, now, UPGRADING, upgrading))
 
     ready: Verdict
     if residency.status is ConditionStatus.FALSE:
@@ -291,6 +309,7 @@ def compute_status(
         ready_replicas=ready_replicas,
         endpoint=endpoint(md, options),
         ray_service_name=md.name,
+        ray_cluster_name=serving_cluster_name(observed.rayservice),
         selector=pod_selector(md),
     )
 

@@ -74,11 +74,21 @@ def render_namespace(tenant: Tenant, policy: ResidencyPolicy) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
 
 
-def render_resource_quota(tenant: Tenant) -> dict[str, Any]:
+def render_resource_quota(tenant: Tenant, upgrade_gpus: int = 0) -> dict[str, Any]:
+    """The namespace's hard limits. `upgrade_gpus`: room for one upgrade in flight.
+
+    The webhook keeps the tenant's deployments within quota.gpus at their autoscaling maximum.
+    An engine change makes KubeRay start a new cluster beside the old one, which serves until the
+    new one runs (zero downtime); for that overlap the namespace needs the GPUs of the largest
+    deployment once more, or the new cluster's workers would be refused and the upgrade would
+    never finish. Two upgrades at once queue: the second one's workers wait for the first one's
+    old cluster to go.
+    """
     quota = tenant.spec.quota
     # Pods: one head per deployment plus at most one worker per GPU, with room for rollouts
     # (KubeRay starts a new cluster beside the old one during an upgrade).
     pods = 2 * (quota.model_deployments + quota.gpus) + 10
+    gpus = quota.gpus + max(0, min(upgrade_gpus, quota.gpus))
     return {
         "apiVersion": "v1",
         "kind": "ResourceQuota",
@@ -86,7 +96,7 @@ def render_resource_quota(tenant: Tenant) -> dict[str, Any]:
         "spec": {
             # The ModelDeployment count is enforced by the webhook: an object-count quota on a CRD
             # blocks every create until kube-controller-manager's discovery has noticed the CRD.
-            "hard": {f"requests.{GPU_RESOURCE}": str(quota.gpus), "pods": str(pods)}
+            "hard": {f"requests.{GPU_RESOURCE}": str(gpus), "pods": str(pods)}
         },
     }
 
@@ -241,12 +251,13 @@ def render_role_bindings(tenant: Tenant) -> list[dict[str, Any]]:
 
 
 def render_tenant(
-    tenant: Tenant, policy: ResidencyPolicy, options: TenantOptions
+    tenant: Tenant, policy: ResidencyPolicy, options: TenantOptions, upgrade_gpus: int = 0
 ) -> list[dict[str, Any]]:
-    """Everything the operator keeps in place for a tenant, namespace first."""
+    """Everything the operator keeps in place for a tenant, namespace first. `upgrade_gpus`: the
+    GPUs of its largest deployment (see render_resource_quota)."""
     return [
         render_namespace(tenant, policy),
-        render_resource_quota(tenant),
+        render_resource_quota(tenant, upgrade_gpus),
         render_limit_range(tenant, options),
         *render_network_policies(tenant, policy, options),
         *render_roles(tenant),

@@ -65,7 +65,7 @@ cluster-down: venv ## Stop every process, container and mount of the local clust
 cluster-status: venv ## Show each component of the local cluster and whether it is healthy
 	@$(CLUSTER) status
 
-demo: cluster venv-serving ## The main job: tenant + ModelDeployment on the local cluster, then its rendered config served on local Ray
+demo: cluster venv-serving ## The main job: chart, tenant and a ModelDeployment answering through Kubernetes on the real node (as root; else the simulated fleet + local Ray)
 	@$(IN_CLUSTER) e2e/demo.sh
 
 serve-down: venv-serving ## Stop the local Ray instance of `make demo` (the serving endpoint)

@@ -11,6 +11,14 @@ run="$repo/.cluster/run"
 metrics_port="${TRAMONTANE_OPERATOR_METRICS_PORT:-18080}"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+if [[ "${TRAMONTANE_CLUSTER_PROFILE:-}" == node ]]; then
+  # The real chain: the chart installed, a tenant, a ModelDeployment whose Ray pods run on the
+  # real node, and an answer through the Kubernetes Service (e2e/fullchain.py).
+  exec "$repo/.venv-serving/bin/python" e2e/fullchain.py
+fi
+# Without root there is no real node (profile "kwok"): the operator runs here, the fleet is
+# simulated, and the rendered Serve config is served on a local Ray instance.
+
 say "Installing the Tramontane CRDs"
 kubectl apply --server-side --force-conflicts -f crds/ -f policies/admission/
 kubectl wait --for=condition=Established --timeout=60s crd/modeldeployments.tramontane.dev

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ import kopf
 import pytest
 import yaml
 
-import localcluster
+from fullchain import helm
 from tests.integration.conftest import OperatorProcess, _free_port
 from tests.integration.test_operator import get, sample, wait_ready
 from tests.kube import Kubectl, eventually, tenant_manifest
@@ -37,36 +35,6 @@ SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
 POD_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                 "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
                 "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
-
-
-def helm_binary() -> Path:
-    return localcluster.artifact_dirs()["helm"] / "helm"
-
-
-def helm(
-    *args: str, kubeconfig: Path | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    # Helm's own state (repositories, plugins) stays out of the user's home.
-    home = localcluster.CACHE / "helm-home"
-    env = {
-        **os.environ,
-        "HELM_CACHE_HOME": str(home / "cache"),
-        "HELM_CONFIG_HOME": str(home / "config"),
-        "HELM_DATA_HOME": str(home / "data"),
-    }
-    if kubeconfig:
-        env["KUBECONFIG"] = str(kubeconfig)
-    result = subprocess.run(
-        [str(helm_binary()), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def render(*args: str) -> list[dict[str, Any]]:

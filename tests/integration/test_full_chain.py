@@ -15,6 +15,7 @@ Times are printed and written to .cluster/full-chain.json.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,11 +26,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import yaml
 
+import fullchain
 import localcluster
 import realnode
+from fullchain import ADAPTER, CHART, ROOT, SERVED_NAME, chart_values, helm
 from tests.integration.conftest import OperatorProcess
-from tests.integration.test_chart import CHART, ROOT, helm
 from tests.kube import Kubectl, eventually, tenant_manifest
 from tramontane.serving import testmodel
 
@@ -37,9 +40,6 @@ pytestmark = pytest.mark.skipif(
     not localcluster.REAL_NODE, reason="no real node: the cluster runs the simulated fleet only"
 )
 
-ADAPTER = "finance-reports"
-SERVED_NAME = "tiny-llama"
-TOLERATION = realnode.NODE_TOLERATION
 REPORT = localcluster.STATE / "full-chain.json"
 
 
@@ -48,6 +48,7 @@ class Chain:
     """The installed chain and what a client needs to call it."""
 
     cluster: Kubectl
+    release: str
     release_namespace: str
     namespace: str
     deployment: str
@@ -65,85 +66,14 @@ class Chain:
         return openai.OpenAI(base_url=self.endpoint(), api_key=key or self.key, timeout=120)
 
 
-def _values() -> list[str]:
-    """The chart's values for this cluster: our images, on the real node, small Ray pods."""
-    on_node = f"operator.nodeSelector.kubernetes\\.io/hostname={realnode.NODE_NAME}"
-    toleration = json.dumps([TOLERATION])
-    return [
-        "--set", "operator.image.repository=docker.io/tramontane/operator",
-        "--set", "operator.image.tag=dev",
-        "--set", "operator.image.pullPolicy=Never",
-        "--set", "operator.replicas=1",
-        "--set", on_node,
-        "--set-json", f"operator.tolerations={toleration}",
-        "--set", "serving.image=docker.io/tramontane/serving:dev",
-        "--set-json", f"serving.tolerations={toleration}",
-        # Two cores for everything: head 300m + autoscaler 100m, one 1-core engine worker.
-        "--set", "serving.resources.head.cpu=300m",
-        "--set", "serving.resources.head.memory=3Gi",
-        "--set", "serving.resources.cpuWorker.cpu=1",
-        "--set", "serving.resources.cpuWorker.memory=5Gi",
-        "--set", "serving.resources.autoscaler.cpu=100m",
-        "--set", "serving.resources.autoscaler.memory=256Mi",
-    ]  # fmt: skip
-
-
 def _timed(chain: Chain, step: str, started: float) -> None:
     chain.seconds[step] = round(time.monotonic() - started, 1)
     print(f"[full chain] {step}: {chain.seconds[step]} s")
 
 
-def _model_on_a_volume(cluster: Kubectl, namespace: str, model_dir: Path) -> list[dict[str, Any]]:
-    """A PersistentVolume holding the test model and its adapters, and the tenant's claim to it
-    (as a platform team provisions weights: the tenant only names the claim)."""
-    volume = f"{namespace}-models"
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": volume},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadOnlyMany"],
-                "persistentVolumeReclaimPolicy": "Retain",
-                "storageClassName": "",
-                "claimRef": {"namespace": namespace, "name": "models"},
-                "hostPath": {"path": str(model_dir.parent), "type": "Directory"},
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "models", "namespace": namespace},
-            "spec": {
-                "accessModes": ["ReadOnlyMany"],
-                "storageClassName": "",
-                "volumeName": volume,
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    ]
-
-
 def _modeldeployment(namespace: str, model_dir: Path) -> dict[str, Any]:
     adapter_dir = testmodel.ensure_adapter(model_dir, ADAPTER)
-    return {
-        "apiVersion": "tramontane.dev/v1alpha1",
-        "kind": "ModelDeployment",
-        "metadata": {"name": "tiny", "namespace": namespace},
-        "spec": {
-            "model": {"uri": f"pvc://models/{model_dir.name}", "servedName": SERVED_NAME},
-            "adapters": [
-                {
-                    "name": ADAPTER,
-                    "uri": f"pvc://models/{adapter_dir.parent.name}/{adapter_dir.name}",
-                }
-            ],
-            "engine": {"maxModelLen": 2048, "dtype": "bfloat16"},
-            "accelerator": {"type": "CPU", "count": 0},
-            "scaling": {"minReplicas": 1, "maxReplicas": 1},
-        },
-    }
+    return fullchain.modeldeployment(namespace, model_dir, adapter_dir)
 
 
 def _app_status(cluster: Kubectl, namespace: str, name: str) -> str | None:
@@ -160,7 +90,7 @@ def chain(crds: Kubectl, operator: OperatorProcess) -> Iterator[Chain]:
     tenant, policy = f"e2e-{suffix}", f"e2e-local-{suffix}"
     model_dir = testmodel.ensure_model()
     chain = Chain(
-        cluster, release_namespace, tenant, "tiny", f"sk-e2e-{uuid.uuid4().hex}", model_dir
+        cluster, release, release_namespace, tenant, "tiny", f"sk-e2e-{uuid.uuid4().hex}", model_dir
     )
     # One operator per cluster: the suite's own steps aside, and with it its webhook
     # configuration and the admission policies the chart owns.
@@ -175,7 +105,7 @@ def chain(crds: Kubectl, operator: OperatorProcess) -> Iterator[Chain]:
         started = time.monotonic()
         helm(
             "install", release, str(CHART), "--namespace", release_namespace, "--wait",
-            "--timeout", "180s", *_values(), kubeconfig=cluster.kubeconfig,
+            "--timeout", "180s", *chart_values(), kubeconfig=cluster.kubeconfig,
         )  # fmt: skip
         _timed(chain, "helm install (operator pod Ready)", started)
         started = time.monotonic()
@@ -185,20 +115,11 @@ def chain(crds: Kubectl, operator: OperatorProcess) -> Iterator[Chain]:
         _timed(chain, "helm test", started)
 
         cluster.apply(
-            {
-                "apiVersion": "tramontane.dev/v1alpha1",
-                "kind": "ResidencyPolicy",
-                "metadata": {"name": policy},
-                "spec": {
-                    "jurisdiction": "EU",
-                    "regions": [realnode.NODE_REGION],
-                    "modelSources": ["pvc://**"],
-                },
-            },
+            fullchain.residency_policy(policy),
             tenant_manifest(tenant, policy, gpus=0, deployments=2),
         )
         cluster.run("wait", f"tenant/{tenant}", "--for=condition=Ready", "--timeout=60s")
-        cluster.apply(*_model_on_a_volume(cluster, tenant, model_dir))
+        cluster.apply(*fullchain.model_volume(tenant, model_dir))
         cluster.run(
             "create", "secret", "generic", "tiny-api-keys", "-n", tenant,
             f"--from-literal=e2e-client={chain.key}",
@@ -235,6 +156,7 @@ def chain(crds: Kubectl, operator: OperatorProcess) -> Iterator[Chain]:
         yield chain
     finally:
         REPORT.write_text(json.dumps(chain.seconds, indent=2) + "\n")
+        _keep_operator_logs(cluster, release_namespace)
         cluster.run("delete", "md", "--all", "-n", tenant, "--wait=true", "--timeout=120s",
                     check=False)  # fmt: skip
         cluster.run("delete", "tenant", tenant, "--wait=false", check=False)
@@ -250,6 +172,15 @@ def chain(crds: Kubectl, operator: OperatorProcess) -> Iterator[Chain]:
         operator.start()
 
 
+def _keep_operator_logs(cluster: Kubectl, namespace: str) -> None:
+    """The operator pods' logs outlive the release, in .cluster/logs/, for a failure's sake."""
+    pods = cluster.json("get", "pods", "-n", namespace)["items"]
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        log = cluster.run("logs", name, "-n", namespace, "--all-containers", check=False)
+        (localcluster.STATE / "logs" / f"full-chain-{name}.log").write_text(log)
+
+
 def _answers(chain: Chain) -> bool:
     try:
         return bool(chain.client().models.list().data)
@@ -261,11 +192,13 @@ def test_the_operator_runs_as_a_pod_and_serves_the_webhook_through_its_service(
     chain: Chain,
 ) -> None:
     cluster = chain.cluster
-    (pod,) = cluster.json(
+    pods = cluster.json(
         "get", "pods", "-n", chain.release_namespace, "-l", "app.kubernetes.io/component=operator"
     )["items"]
-    assert pod["spec"]["nodeName"] == realnode.NODE_NAME
-    assert pod["spec"]["containers"][0]["image"] == "docker.io/tramontane/operator:dev"
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod["spec"]["nodeName"] == realnode.NODE_NAME
+        assert pod["spec"]["containers"][0]["image"] == "docker.io/tramontane/operator:dev"
     # The API server calls the webhook in the pod (through its Service, with the chart's CA):
     # a model source outside the tenant's policy is refused there.
     outside = _modeldeployment(chain.namespace, chain.model_dir)
@@ -309,6 +242,12 @@ def test_ray_pods_run_restricted_on_the_real_node_and_the_deployment_is_ready(
 
 
 def test_the_openai_client_is_answered_through_the_kubernetes_service(chain: Chain) -> None:
+    _check_answers(chain)
+
+
+def _check_answers(chain: Chain) -> None:
+    """Models, chat, streamed chat with usage, an adapter by name, 401 and 404, as a user sees
+    them through the Service, with the exact text the test model is built to say."""
     client = chain.client()
     assert [m.id for m in client.models.list().data] == [SERVED_NAME, ADAPTER]
     tokenizer = testmodel.load_tokenizer(chain.model_dir)
@@ -351,3 +290,345 @@ def test_the_openai_client_is_answered_through_the_kubernetes_service(chain: Cha
             messages=messages,
             max_tokens=2,
         )
+
+
+class Load:
+    """Clients calling the endpoint through its Service in a loop, as users do. No retries: a
+    request that does not come back 200 with all its tokens is a failure."""
+
+    def __init__(self, chain: Chain, streams: int, max_tokens: int) -> None:
+        self.chain = chain
+        self.max_tokens = max_tokens
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(streams)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=180)
+
+    def _run(self) -> None:
+        url = f"{self.chain.endpoint()}/completions"
+        request = {"model": SERVED_NAME, "prompt": "Bonjour", "max_tokens": self.max_tokens,
+                   "temperature": 0}  # fmt: skip
+        with httpx.Client(timeout=180) as client:
+            while not self._stop.is_set():
+                error: str | None = None
+                try:
+                    response = client.post(
+                        url, json=request, headers={"Authorization": f"Bearer {self.chain.key}"}
+                    )
+                    if response.status_code != 200:
+                        error = f"HTTP {response.status_code}: {response.text[:300]}"
+                    elif response.json()["usage"]["completion_tokens"] != self.max_tokens:
+                        error = f"short answer: {response.text[:300]}"
+                except (httpx.HTTPError, ValueError, KeyError) as failure:
+                    error = f"{type(failure).__name__}: {failure}"
+                with self._lock:
+                    if error:
+                        self.failures.append(f"{time.strftime('%H:%M:%S')} {error}")
+                    else:
+                        self.ok += 1
+
+    def report(self, chain: Chain, step: str) -> None:
+        chain.seconds[f"{step}: requests ok"] = self.ok
+        chain.seconds[f"{step}: requests failed"] = len(self.failures)
+        print(f"[full chain] {step}: {self.ok} requests ok, {len(self.failures)} failed")
+
+
+def _status_code(chain: Chain, key: str) -> int:
+    try:
+        headers = {"Authorization": f"Bearer {key}"}
+        return int(httpx.get(f"{chain.endpoint()}/models", headers=headers, timeout=30).status_code)
+    except httpx.HTTPError:
+        return 0
+
+
+def _serving_pods(chain: Chain, node_type: str | None = None) -> list[dict[str, Any]]:
+    selector = f"tramontane.dev/model-deployment={chain.deployment}"
+    if node_type:
+        selector += f",ray.io/node-type={node_type}"
+    pods: list[dict[str, Any]] = chain.cluster.json(
+        "get", "pods", "-n", chain.namespace, "-l", selector
+    )["items"]
+    return pods
+
+
+def _restarts(chain: Chain) -> dict[str, int]:
+    return {
+        pod["metadata"]["name"]: sum(
+            c.get("restartCount", 0) for c in pod["status"].get("containerStatuses", [])
+        )
+        for pod in _serving_pods(chain)
+    }
+
+
+def _md(chain: Chain, name: str | None = None) -> dict[str, Any]:
+    md: dict[str, Any] = chain.cluster.json(
+        "get", "md", name or chain.deployment, "-n", chain.namespace
+    )
+    return md
+
+
+def _condition(md: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in md.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def test_a_key_added_to_the_secret_works_and_a_removed_one_is_refused_without_a_restart(
+    chain: Chain,
+) -> None:
+    cluster, namespace = chain.cluster, chain.namespace
+    pods_before = _restarts(chain)
+    rotated = f"sk-rotated-{uuid.uuid4().hex}"
+    started = time.monotonic()
+    cluster.run("patch", "secret", "tiny-api-keys", "-n", namespace, "--type=merge", "-p",
+                json.dumps({"stringData": {"rotated": rotated}}))  # fmt: skip
+    eventually(lambda: _status_code(chain, rotated) == 200, 240, "the added key to be accepted")
+    _timed(chain, "key added to the Secret → accepted", started)
+    assert _status_code(chain, chain.key) == 200
+    started = time.monotonic()
+    cluster.run("patch", "secret", "tiny-api-keys", "-n", namespace, "--type=json", "-p",
+                json.dumps([{"op": "remove", "path": "/data/e2e-client"}]))  # fmt: skip
+    eventually(lambda: _status_code(chain, chain.key) == 401, 240, "the removed key refused")
+    _timed(chain, "key removed from the Secret → refused", started)
+    chain.key = rotated
+    assert _status_code(chain, rotated) == 200
+    assert _restarts(chain) == pods_before  # the same pods, none restarted
+
+
+def test_a_crash_looping_pod_shows_in_the_conditions_with_its_containers_reason(
+    chain: Chain,
+) -> None:
+    """A head too small for Ray is OOM-killed in a loop: a pod that will not fix itself."""
+    cluster, namespace = chain.cluster, chain.namespace
+    broken = _modeldeployment(namespace, chain.model_dir)
+    broken["metadata"]["name"] = "broken"
+    broken["spec"]["resources"] = {
+        "head": {"cpu": "250m", "memory": "200Mi"},
+        "worker": {"cpu": "100m", "memory": "512Mi"},
+    }
+    started = time.monotonic()
+    cluster.create(broken)
+    try:
+
+        def crash_looping() -> dict[str, Any] | None:
+            md = _md(chain, "broken")
+            healthy = _condition(md, "PodsHealthy")
+            return md if healthy.get("reason") == "CrashLoopBackOff" else None
+
+        md = eventually(crash_looping, 300, "PodsHealthy=False with CrashLoopBackOff", interval=2)
+        _timed(chain, "crash loop → reported in the conditions", started)
+        healthy = _condition(md, "PodsHealthy")
+        assert healthy["status"] == "False"
+        assert "ray-head" in healthy["message"] and "restarts" in healthy["message"], healthy
+        ready = _condition(md, "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "CrashLoopBackOff"), ready
+        events = cluster.json("get", "events.events.k8s.io", "-n", namespace,
+                              "--field-selector", "regarding.name=broken")["items"]  # fmt: skip
+        assert any(e["reason"] == "PodsFailing" and e["type"] == "Warning" for e in events)
+    finally:
+        cluster.run("delete", "md", "broken", "-n", namespace, "--wait=true", "--timeout=120s")
+    # The healthy deployment was not disturbed.
+    assert _status_code(chain, chain.key) == 200
+
+
+def _operator_pods(chain: Chain) -> list[str]:
+    pods = chain.cluster.json(
+        "get", "pods", "-n", chain.release_namespace, "-l", "app.kubernetes.io/component=operator"
+    )["items"]
+    return [p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def test_the_standby_operator_takes_over_when_the_active_pod_is_deleted_under_load(
+    chain: Chain,
+) -> None:
+    cluster = chain.cluster
+    peering = f"{chain.release}-tramontane"
+    peers = cluster.json("get", "clusterkopfpeering", peering).get("status", {})
+    active = max(peers, key=lambda peer: int(peers[peer]["priority"]))
+    assert active in _operator_pods(chain) and len(peers) == 2, peers
+    with Load(chain, streams=2, max_tokens=16) as load:
+        time.sleep(5)
+        started = time.monotonic()
+        cluster.run("delete", "pod", active, "-n", chain.release_namespace, "--wait=true",
+                    "--timeout=120s")  # fmt: skip
+        _timed(chain, "active operator pod deleted → gone", started)
+        # With the active replica gone, only the standby can restore a deleted child.
+        started = time.monotonic()
+        cluster.run("delete", "podmonitor", chain.deployment, "-n", chain.namespace)
+        eventually(
+            lambda: cluster.run("get", "podmonitor", chain.deployment, "-n", chain.namespace,
+                                "--ignore-not-found").strip(),
+            180, "the standby replica to restore the deleted PodMonitor",
+        )  # fmt: skip
+        _timed(chain, "standby took over: deleted child restored", started)
+        # Admission is served by the remaining pod through the webhook Service.
+        outside = _modeldeployment(chain.namespace, chain.model_dir)
+        outside["metadata"]["name"] = "outside"
+        outside["spec"]["model"]["uri"] = "s3://somewhere-else/llama"
+        outside["spec"]["adapters"] = []
+        refused = cluster.create(outside, check=False)
+        assert 'admission webhook "modeldeployment.tramontane.dev" denied' in refused.stderr
+        time.sleep(3)
+    load.report(chain, "operator failover")
+    assert load.ok > 0
+    assert not load.failures, load.failures[:5]
+    peers = cluster.json("get", "clusterkopfpeering", peering).get("status", {})
+    assert active not in peers
+
+
+def _llm_replicas(chain: Chain) -> list[dict[str, Any]]:
+    """The engine replicas of the Serve application, as the Ray dashboard lists them."""
+    cluster_name = _md(chain)["status"]["rayClusterName"]
+    service = chain.cluster.json(
+        "get", "service", f"{cluster_name}-head-svc", "-n", chain.namespace
+    )
+    url = f"http://{service['spec']['clusterIP']}:8265/api/serve/applications/"
+    deployments = httpx.get(url, timeout=30).json()["applications"][chain.deployment]["deployments"]
+    return [
+        replica
+        for name, deployment in deployments.items()
+        if "LLMServer" in name
+        for replica in deployment.get("replicas", [])
+    ]
+
+
+def _running_replicas(chain: Chain) -> int:
+    return sum(1 for r in _llm_replicas(chain) if r.get("state") == "RUNNING")
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = pod["status"].get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def _requests_served_by(pod: dict[str, Any]) -> float:
+    """Requests the engine in this pod finished, from its Ray metrics endpoint."""
+    try:
+        text = httpx.get(f"http://{pod['status']['podIP']}:8080/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return 0
+    total = 0.0
+    for line in text.splitlines():
+        if "request_success" in line and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _set_max_replicas(chain: Chain, maximum: int) -> None:
+    patch = json.dumps({"spec": {"scaling": {"maxReplicas": maximum}}})
+    chain.cluster.run(
+        "patch", "md", chain.deployment, "-n", chain.namespace, "--type=merge", "-p", patch
+    )
+
+    def applied() -> bool:
+        rayservice = chain.cluster.json("get", "rayservice", chain.deployment, "-n",
+                                        chain.namespace)  # fmt: skip
+        group = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+        return bool(group["maxReplicas"] == maximum)
+
+    eventually(applied, 60, f"the RayService to allow {maximum} workers")
+
+
+def test_under_load_serve_adds_a_replica_on_a_new_worker_pod_and_removes_both_after(
+    chain: Chain,
+) -> None:
+    serving_cluster = _md(chain)["status"]["rayClusterName"]
+    _set_max_replicas(chain, 2)
+    try:
+        (first,) = _serving_pods(chain, "worker")
+        with Load(chain, streams=4, max_tokens=48) as load:
+            started = time.monotonic()
+            eventually(lambda: len(_serving_pods(chain, "worker")) == 2, 300,
+                       "the Ray autoscaler to create a second worker pod", interval=1)  # fmt: skip
+            _timed(chain, "autoscale up: load → worker pod created", started)
+            eventually(lambda: all(_ready(p) for p in _serving_pods(chain, "worker")), 300,
+                       "the new worker pod Ready", interval=1)  # fmt: skip
+            _timed(chain, "autoscale up: load → worker pod Ready", started)
+            eventually(lambda: _running_replicas(chain) == 2, 600,
+                       "the second engine replica RUNNING", interval=2)  # fmt: skip
+            _timed(chain, "autoscale up: load → second replica RUNNING", started)
+            (new,) = [p for p in _serving_pods(chain, "worker")
+                      if p["metadata"]["name"] != first["metadata"]["name"]]  # fmt: skip
+            eventually(lambda: _requests_served_by(new) > 0, 120,
+                       "the new replica to serve requests", interval=2)  # fmt: skip
+            _timed(chain, "autoscale up: load → new replica served", started)
+        load.report(chain, "autoscale up")
+        assert load.ok > 0
+        assert not load.failures, load.failures[:5]
+        started = time.monotonic()
+        eventually(lambda: _running_replicas(chain) == 1, 300, "Serve to remove the replica",
+                   interval=2)  # fmt: skip
+        _timed(chain, "autoscale down: load stopped → replica removed", started)
+        eventually(lambda: len(_serving_pods(chain, "worker")) == 1, 300,
+                   "the autoscaler to remove the idle worker pod", interval=2)  # fmt: skip
+        _timed(chain, "autoscale down: load stopped → worker pod removed", started)
+        # Scaling is applied in place: the same cluster served throughout.
+        assert _md(chain)["status"]["rayClusterName"] == serving_cluster
+        assert _status_code(chain, chain.key) == 200
+    finally:
+        _set_max_replicas(chain, 1)
+
+
+def test_an_engine_change_under_load_moves_to_a_new_cluster_without_a_failed_request(
+    chain: Chain,
+) -> None:
+    cluster, namespace = chain.cluster, chain.namespace
+    old = _md(chain)["status"]["rayClusterName"]
+    overlap: list[dict[str, str]] = []
+    with Load(chain, streams=1, max_tokens=16) as load:
+        started = time.monotonic()
+        cluster.run("patch", "md", chain.deployment, "-n", namespace, "--type=merge", "-p",
+                    json.dumps({"spec": {"engine": {"maxModelLen": 1024}}}))  # fmt: skip
+
+        def upgrading() -> dict[str, Any] | None:
+            condition = _condition(_md(chain), "Upgrading")
+            return condition if condition.get("reason") == "NewClusterStarting" else None
+
+        condition = eventually(upgrading, 120, "Upgrading=True NewClusterStarting")
+        assert old in condition["message"]
+        _timed(chain, "engine change → Upgrading (new cluster starting)", started)
+
+        def switched() -> str | None:
+            quota = cluster.json("get", "resourcequota", "tramontane-tenant", "-n", namespace)
+            clusters = {p["metadata"]["labels"]["ray.io/cluster"] for p in _serving_pods(chain)}
+            if len(clusters) == 2:
+                overlap.append(
+                    quota["status"]["used"] | {"hard.pods": quota["spec"]["hard"]["pods"]}
+                )
+            name = _md(chain)["status"].get("rayClusterName")
+            return name if name != old else None
+
+        new = eventually(switched, 900, "the Service to move to the new cluster", interval=2)
+        _timed(chain, "engine change → new cluster serving", started)
+        eventually(lambda: not cluster.run("get", "raycluster", old, "-n", namespace,
+                                           "--ignore-not-found").strip(),
+                   300, "KubeRay to delete the old cluster", interval=2)  # fmt: skip
+        _timed(chain, "engine change → old cluster deleted", started)
+    load.report(chain, "zero-downtime upgrade")
+    assert load.ok > 0
+    assert not load.failures, load.failures[:5]
+    # Both clusters ran side by side within the namespace's quota.
+    assert overlap, "never saw the two clusters side by side"
+    assert all(int(used["pods"]) <= int(used["hard.pods"]) for used in overlap)
+    md = _md(chain)
+    assert md["status"]["rayClusterName"] == new
+    assert _condition(md, "Upgrading")["reason"] == "UpToDate"
+    assert _condition(md, "Ready")["status"] == "True"
+    rayservice = cluster.json("get", "rayservice", chain.deployment, "-n", namespace)
+    args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["engine"]["maxModelLen"] == 1024
+    events = cluster.json("get", "events.events.k8s.io", "-n", namespace, "--field-selector",
+                          f"regarding.name={chain.deployment}")["items"]  # fmt: skip
+    changed = [e for e in events if e["reason"] == "ServingClusterChanged"]
+    assert changed and new in changed[-1]["note"] and old in changed[-1]["note"]
+    # The new engine answers exactly as the old one did.
+    _check_answers(chain)

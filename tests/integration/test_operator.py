@@ -195,6 +195,32 @@ def test_spec_changes_and_scale_flow_into_the_rayservice(
     )
 
 
+def test_a_new_scaling_maximum_reaches_the_running_raycluster_in_place(
+    cluster: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    """KubeRay does not pass new worker bounds on to a running cluster; the operator does, so
+    that the Ray autoscaler may add the workers Serve asks for, without a new cluster."""
+    cluster.apply(sample(namespace, "bounded"))
+    name = wait_ready(cluster, namespace, "bounded")["status"]["rayClusterName"]
+    scaling = {"spec": {"scaling": {"minReplicas": 2, "maxReplicas": 7}}}
+    cluster.run(
+        "patch", "md", "bounded", "-n", namespace, "--type=merge", "-p", json.dumps(scaling)
+    )
+
+    def bounds() -> tuple[int, int] | None:
+        raycluster = get(cluster, "raycluster", namespace, name)
+        group = (
+            worker_group({"spec": {"rayClusterConfig": raycluster["spec"]}}) if raycluster else {}
+        )
+        found = (group.get("minReplicas"), group.get("maxReplicas"))
+        return found if found == (2, 7) else None
+
+    eventually(bounds, 30, "the RayCluster's worker group to allow 2..7 workers")
+    md = wait_ready(cluster, namespace, "bounded")
+    assert md["status"]["rayClusterName"] == name  # the same cluster: no rebuild
+    cluster.run("delete", "md", "bounded", "-n", namespace, "--wait=true")
+
+
 def test_unchanged_spec_writes_nothing(
     cluster: Kubectl, operator: OperatorProcess, namespace: str
 ) -> None:

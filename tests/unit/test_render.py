@@ -19,6 +19,7 @@ from tramontane.render.rayservice import (
     render_podmonitor,
     render_rayservice,
     scaled_quantity,
+    worker_bounds_patch,
 )
 from tramontane.render.status import Observed, compute_status, transitions
 from tramontane.serving.app import parse_args
@@ -504,3 +505,25 @@ def test_a_scaling_change_is_applied_in_place_without_a_new_cluster() -> None:
     assert _cluster_spec_as_kuberay_compares_it(before) == _cluster_spec_as_kuberay_compares_it(
         after
     )
+
+
+def test_new_worker_bounds_are_patched_onto_the_running_cluster_and_nothing_else() -> None:
+    rendered = render_rayservice(md(scaling={"minReplicas": 2, "maxReplicas": 6}), OPTIONS)
+    group = rendered["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    running = {
+        "spec": {
+            "workerGroupSpecs": [
+                {"groupName": group["groupName"], "minReplicas": 1, "maxReplicas": 4,
+                 "replicas": 3}
+            ]
+        }
+    }  # fmt: skip
+    operations = worker_bounds_patch(rendered, running)
+    assert operations == [
+        {"op": "test", "path": "/spec/workerGroupSpecs/0/groupName",
+         "value": group["groupName"]},
+        {"op": "replace", "path": "/spec/workerGroupSpecs/0/minReplicas", "value": 2},
+        {"op": "replace", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": 6},
+    ]  # fmt: skip
+    running["spec"]["workerGroupSpecs"][0] |= {"minReplicas": 2, "maxReplicas": 6}
+    assert worker_bounds_patch(rendered, running) == []

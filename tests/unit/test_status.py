@@ -175,3 +175,42 @@ def test_an_upgrade_in_flight_says_which_cluster_serves_and_which_starts() -> No
     )
     assert status.ray_cluster_name == "tiny-new"
     assert conditions(Observed(done, raycluster(1)))["Upgrading"] == ("False", "UpToDate")
+
+
+def test_a_first_cluster_that_fails_to_deploy_says_why() -> None:
+    pending = {
+        "status": {
+            "pendingServiceStatus": {
+                "rayClusterName": "tiny-x",
+                "applicationStatuses": {
+                    "tiny": {"status": "DEPLOY_FAILED", "message": "RuntimeError: no memory"}
+                },
+            }
+        }
+    }
+    status = compute_status(
+        md(), Observed(pending, raycluster(1)), previous=None, options=RenderOptions(), now=NOW
+    )
+    available = next(c for c in status.conditions if c.type == "Available")
+    assert available.reason == "ServeApplicationFailed"
+    assert available.message.endswith("RuntimeError: no memory")
+
+
+def test_an_upgrade_that_fails_says_so_while_the_old_cluster_serves() -> None:
+    both = {
+        "status": {
+            "activeServiceStatus": {
+                "rayClusterName": "tiny-old",
+                "applicationStatuses": {"tiny": {"status": "RUNNING"}},
+            },
+            "pendingServiceStatus": {
+                "rayClusterName": "tiny-new",
+                "applicationStatuses": {
+                    "tiny": {"status": "DEPLOY_FAILED", "message": "ValueError: bad arg"}
+                },
+            },
+        }
+    }
+    got = conditions(Observed(both, raycluster(1)))
+    assert got["Upgrading"] == ("True", "NewClusterFailing")
+    assert got["Available"] == ("True", "ReplicasReady")

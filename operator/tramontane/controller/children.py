@@ -29,7 +29,7 @@ def _trimmed(body: dict[str, Any]) -> dict[str, Any]:
     """Only what reconcile reads: a RayService's spec (serveConfigV2…) would cost megabytes at
     a thousand deployments."""
     meta = body.get("metadata", {})
-    return {
+    trimmed: dict[str, Any] = {
         "kind": body.get("kind"),
         "metadata": {
             key: meta[key]
@@ -38,6 +38,15 @@ def _trimmed(body: dict[str, Any]) -> dict[str, Any]:
         },
         "status": body.get("status") or {},
     }
+    if body.get("kind") == "RayCluster":
+        # The worker groups' bounds, which reconcile keeps in line with the RayService's.
+        groups = (body.get("spec") or {}).get("workerGroupSpecs") or []
+        trimmed["spec"] = {
+            "workerGroupSpecs": [
+                {k: g.get(k) for k in ("groupName", "minReplicas", "maxReplicas")} for g in groups
+            ]
+        }
+    return trimmed
 
 
 def manifest_hash(manifest: dict[str, Any]) -> str:

@@ -164,6 +164,17 @@ class Kube:
         items: list[dict[str, Any]] = self._call("GET", kind.path(namespace)).get("items", [])
         return items
 
+    def json_patch(
+        self, kind: Kind, namespace: str | None, name: str, operations: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """RFC 6902 patch: `test` operations make it apply only to the object we looked at."""
+        return self._call(
+            "PATCH",
+            kind.path(namespace, name),
+            body=operations,
+            content_type="application/json-patch+json",
+        )
+
     def patch_status(
         self, kind: Kind, namespace: str | None, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from tramontane.render.rayservice import (
     RenderOptions,
     model_claims,
     render_children,
+    worker_bounds_patch,
 )
 from tramontane.render.status import (
     ClaimState,
@@ -282,7 +283,34 @@ def _apply_children(
             children.cache.record_apply(manifest, applied)
         if manifest["kind"] == "RayService":
             rayservice = applied
+            _sync_worker_bounds(kube, md, manifest, applied)
     return rayservice
+
+
+def _sync_worker_bounds(
+    kube: Kube, md: ModelDeployment, manifest: dict[str, Any], rayservice: dict[str, Any]
+) -> None:
+    """A new scaling minimum or maximum, onto the RayClusters KubeRay runs for the RayService
+    (it does not pass those on itself: see render.rayservice.worker_bounds_patch)."""
+    status = rayservice.get("status") or {}
+    for key in ("activeServiceStatus", "pendingServiceStatus"):
+        name = (status.get(key) or {}).get("rayClusterName")
+        if not name:
+            continue
+        raycluster = children.cache.observed("RayCluster", md.namespace, name)
+        if raycluster is None or "spec" not in raycluster:
+            raycluster = kube.get(RAYCLUSTER, md.namespace, name)
+        operations = worker_bounds_patch(manifest, raycluster) if raycluster else []
+        if not operations:
+            continue
+        try:
+            patched = kube.json_patch(RAYCLUSTER, md.namespace, name, operations)
+        except ApiException as error:
+            if error.status not in (404, 409, 422):
+                raise
+            continue  # gone or changed meanwhile: its watch event brings us back
+        children.cache.observe({"kind": "RayCluster", **patched})
+        log.info("RayCluster %s/%s: worker bounds set to the RayService's", md.namespace, name)
 
 
 def forget(namespace: str, name: str) -> None:

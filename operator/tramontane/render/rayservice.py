@@ -447,6 +447,37 @@ def render_rayservice(
     }
 
 
+def worker_bounds_patch(
+    rayservice: dict[str, Any], raycluster: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """JSON-patch operations that give a running RayCluster the worker bounds (min and max
+    replicas) of the RayService, or [] when they match.
+
+    KubeRay leaves a running cluster alone when its spec differs from the RayService's only in
+    replicas and their bounds (they are out of its hash, so that autoscaling does not rebuild the
+    cluster), so a new scaling maximum would never reach the Ray autoscaler. `replicas` is the
+    autoscaler's and is left alone. A `test` of each group's name guards its index."""
+    wanted = {
+        group["groupName"]: group
+        for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    }
+    operations: list[dict[str, Any]] = []
+    for index, group in enumerate(raycluster.get("spec", {}).get("workerGroupSpecs", [])):
+        goal = wanted.get(group.get("groupName"))
+        if goal is None:
+            continue
+        changes = [
+            {"op": "replace", "path": f"/spec/workerGroupSpecs/{index}/{field}",
+             "value": goal[field]}
+            for field in ("minReplicas", "maxReplicas")
+            if group.get(field) != goal[field]
+        ]  # fmt: skip
+        if changes:
+            path = f"/spec/workerGroupSpecs/{index}/groupName"
+            operations += [{"op": "test", "path": path, "value": group["groupName"]}, *changes]
+    return operations
+
+
 def render_podmonitor(md: ModelDeployment) -> dict[str, Any]:
     """prometheus-operator PodMonitor for the Ray and vLLM metrics of this deployment's pods."""
     return {

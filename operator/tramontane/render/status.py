@@ -114,9 +114,11 @@ def serving_cluster_name(rayservice: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _failed_applications(rayservice: dict[str, Any] | None) -> list[str]:
+def _failed_applications(rayservice: dict[str, Any] | None, key: str) -> list[str]:
+    """The failed Serve applications of the active or the pending cluster (`key`), with
+    KubeRay's message (a traceback's end)."""
     status = (rayservice or {}).get("status", {})
-    apps = status.get("activeServiceStatus", {}).get("applicationStatuses", {}) or {}
+    apps = status.get(key, {}).get("applicationStatuses", {}) or {}
     return [
         f"{name}: {app.get('status')} {app.get('message', '')}".strip()
         for name, app in apps.items()
@@ -168,7 +170,14 @@ def _availability(md: ModelDeployment, observed: Observed, ready_replicas: int) 
     reports it) and enough serving replicas are ready."""
     raycluster = observed.raycluster
     needed = md.spec.scaling.min_replicas
-    failed_apps = _failed_applications(observed.rayservice)
+    status = (observed.rayservice or {}).get("status", {})
+    # Before the first success the pending cluster is the one being prepared to serve.
+    serving_key = (
+        "activeServiceStatus"
+        if status.get("activeServiceStatus", {}).get("rayClusterName")
+        else "pendingServiceStatus"
+    )
+    failed_apps = _failed_applications(observed.rayservice, serving_key)
     not_running = _application_not_running(observed.rayservice, md.name)
     available: Verdict
     if observed.rayservice is None:
@@ -225,6 +234,11 @@ def _upgrading(rayservice: dict[str, Any] | None) -> Verdict:
     status = (rayservice or {}).get("status", {})
     active = status.get("activeServiceStatus", {}).get("rayClusterName")
     pending = status.get("pendingServiceStatus", {}).get("rayClusterName")
+    failed = _failed_applications(rayservice, "pendingServiceStatus")
+    if active and pending and failed:
+        return (True, "NewClusterFailing",
+                brief(f"RayCluster {pending} fails with the changed engine configuration "
+                      f"({active} still serves): {'; '.join(failed)}"))  # fmt: skip
     if active and pending:
         return (True, "NewClusterStarting",
                 f"RayCluster {pending} is starting with the changed engine configuration; "

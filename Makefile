@@ -20,7 +20,7 @@ export TRAMONTANE_CLUSTER_PROFILE ?= $(if $(filter 0,$(shell id -u)),node,kwok)
 IN_CLUSTER := $(if $(filter node,$(TRAMONTANE_CLUSTER_PROFILE)),e2e/netns.sh exec,)
 CLUSTER := $(IN_CLUSTER) $(PY) e2e/localcluster.py
 
-.PHONY: bench-operator bench-serving crds help venv venv-serving serve-down binaries otelcol prometheus cluster cluster-down cluster-status demo lint format test test-unit test-integration test-serving
+.PHONY: bench-operator bench-serving crds help venv venv-serving demo-down serve-down binaries otelcol prometheus cluster cluster-down cluster-status demo lint format test test-unit test-integration test-serving
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ cluster-status: venv ## Show each component of the local cluster and whether it 
 
 demo: cluster venv-serving ## The main job: chart, tenant and a ModelDeployment answering through Kubernetes on the real node (as root; else the simulated fleet + local Ray)
 	@$(IN_CLUSTER) e2e/demo.sh
+
+demo-down: venv-serving ## Remove what `make demo` installed (release, tenant, deployment); the cluster keeps running
+	@if [[ "$(TRAMONTANE_CLUSTER_PROFILE)" == node ]]; then $(IN_CLUSTER) $(SPY) e2e/fullchain.py down; else $(IN_CLUSTER) $(SPY) e2e/localray.py down; fi
 
 serve-down: venv-serving ## Stop the local Ray instance of `make demo` (the serving endpoint)
 	@$(IN_CLUSTER) $(SPY) e2e/localray.py down

@@ -169,8 +169,7 @@ DEMO_KEY_NAME = "demo-client"
 
 
 def _kubectl(*args: str, stdin: str | None = None) -> str:
-    command = [str(localcluster.artifact_dirs()["kubernetes"] / "kubectl"),
-               "--kubeconfig", str(localcluster.kubeconfig_path()), *args]  # fmt: skip
+    command = ["kubectl", "--kubeconfig", str(localcluster.kubeconfig_path()), *args]
     result = subprocess.run(command, input=stdin, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
@@ -313,14 +312,32 @@ def demo() -> None:
         f"\nTry it: e2e/netns.sh exec curl -H 'Authorization: Bearer {key}' {endpoint}/models\n"
         f"        e2e/netns.sh exec kubectl --kubeconfig {localcluster.kubeconfig_path()} "
         f"get md -n {DEMO_TENANT} -o wide\n"
-        "Stop everything: make cluster-down"
+        "Remove the demo (the cluster keeps running): make demo-down; stop everything: "
+        "make cluster-down"
     )
+
+
+def demo_down() -> None:
+    """Remove what `make demo` installed; the cluster keeps running."""
+    _kubectl("delete", "md", "--all", "-n", DEMO_TENANT, "--ignore-not-found", "--wait=true",
+             "--timeout=180s")  # fmt: skip
+    _kubectl("delete", "tenant", DEMO_TENANT, "--ignore-not-found", "--wait=false")
+    _kubectl("delete", "pv", f"{DEMO_TENANT}-models", "--ignore-not-found", "--wait=false")
+    _kubectl("delete", "residencypolicy", DEMO_POLICY, "--ignore-not-found")
+    helm("uninstall", DEMO_RELEASE, "-n", DEMO_RELEASE_NAMESPACE, "--wait", "--ignore-not-found",
+         kubeconfig=localcluster.kubeconfig_path())  # fmt: skip
+    _kubectl("delete", "namespace", DEMO_RELEASE_NAMESPACE, "--ignore-not-found", "--wait=false")
+    _kubectl("delete", "clusterkopfpeering", f"{DEMO_RELEASE}-tramontane", "--ignore-not-found")
+    print("demo removed")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
-    demo()
+    parser.add_argument("action", nargs="?", choices=["up", "down"], default="up")
+    if parser.parse_args(argv).action == "down":
+        demo_down()
+    else:
+        demo()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def crds(cluster: Kubectl, repo_root: Path) -> Kubectl:
     """Our CRDs (crds/) installed and established, and the residency admission policies."""
+    # `make demo` installs the chart: its operator would reconcile the suite's objects too.
+    if cluster.run("get", "namespace", "tramontane-system", "--ignore-not-found").strip():
+        pytest.exit("`make demo` left its release in the cluster: run `make demo-down` first", 2)
     cluster.run("apply", "--server-side", "--force-conflicts", "-f", str(repo_root / "crds"))
     cluster.run(
         "apply", "--server-side", "--force-conflicts", "-f", str(repo_root / "policies/admission")

@@ -60,6 +60,14 @@ def serve_args(rayservice: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def serve_autoscaling(rayservice: dict[str, Any]) -> dict[str, Any]:
+    """The engine deployment's autoscaling, from the Serve config's deployment override."""
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    (engine,) = config["applications"][0]["deployments"]
+    autoscaling: dict[str, Any] = engine["autoscaling_config"]
+    return autoscaling
+
+
 @pytest.fixture
 def namespace(tenant_namespace: str) -> str:
     """ModelDeployments only live in tenant namespaces (the webhook refuses others)."""
@@ -165,7 +173,7 @@ def test_spec_changes_and_scale_flow_into_the_rayservice(
             rs
             and worker_group(rs)["maxReplicas"] == 6
             and serve_args(rs)["model"]["revision"] == "v2-pinned"
-            and serve_args(rs)["autoscaling"]["maxReplicas"] == 6
+            and serve_autoscaling(rs)["max_replicas"] == 6
         )
         return rs if ok else None
 
@@ -183,7 +191,7 @@ def test_spec_changes_and_scale_flow_into_the_rayservice(
         30,
         "RayService worker replicas to follow `kubectl scale`",
     )
-    assert serve_args(rs)["autoscaling"]["initialReplicas"] == 3
+    assert serve_autoscaling(rs)["initial_replicas"] == 3
     scale_path = (
         f"/apis/tramontane.dev/v1alpha1/namespaces/{namespace}/modeldeployments/llama-3-8b/scale"
     )

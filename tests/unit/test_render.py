@@ -228,8 +228,12 @@ def test_scale_sets_initial_replicas_of_workers_and_serve() -> None:
     deployment = md(replicas=3, scaling={"minReplicas": 1, "maxReplicas": 4})
     rayservice = render_rayservice(deployment, OPTIONS)
     assert rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 3
-    args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert args["autoscaling"]["initialReplicas"] == 3
+    (app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    (engine,) = app["deployments"]
+    assert engine["name"] == "TramontaneLLMServer:llama-3.1-8b-instruct"
+    assert engine["autoscaling_config"]["initial_replicas"] == 3
+    # Not in the args: a change of args redeploys every replica, the override does not.
+    assert "autoscaling" not in app["args"]
 
 
 def test_serve_config_imports_a_real_module_and_its_args_parse_on_the_serving_side() -> None:
@@ -239,7 +243,9 @@ def test_serve_config_imports_a_real_module_and_its_args_parse_on_the_serving_si
     module_name, _, attribute = app["import_path"].partition(":")
     assert callable(getattr(importlib.import_module(module_name), attribute))
     parsed = parse_args(app["args"])
-    assert parsed == ServingArgs.from_model_deployment(deployment)
+    expected = ServingArgs.from_model_deployment(deployment)
+    assert parsed == expected.model_copy(update={"autoscaling": None})
+    assert app["deployments"][0]["autoscaling_config"] == expected.autoscaling.serve_config()  # type: ignore[union-attr]
     assert parsed.model.served_name == "llama-3.1-8b-instruct"
     assert [a.name for a in parsed.adapters] == ["finance-reports", "contracts-legal"]
     assert parsed.tenant == "team-finance"
@@ -502,6 +508,9 @@ def test_a_scaling_change_is_applied_in_place_without_a_new_cluster() -> None:
                "upscaleDelaySeconds": 5, "downscaleDelaySeconds": 30}  # fmt: skip
     after = render_rayservice(md(scaling=scaling), OPTIONS)
     assert before["spec"]["serveConfigV2"] != after["spec"]["serveConfigV2"]
+    # Serve applies it in place: the application's import path and args are unchanged.
+    apps = [yaml.safe_load(r["spec"]["serveConfigV2"])["applications"][0] for r in (before, after)]
+    assert apps[0]["args"] == apps[1]["args"]
     assert _cluster_spec_as_kuberay_compares_it(before) == _cluster_spec_as_kuberay_compares_it(
         after
     )

@@ -7,7 +7,7 @@ field renamed on one side breaks a test on the other instead of a production dep
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -40,6 +40,23 @@ class ServingAutoscaling(ApiModel):
     upscale_delay_seconds: int = Field(ge=0)
     downscale_delay_seconds: int = Field(ge=0)
 
+    def serve_config(self) -> dict[str, Any]:
+        """Ray Serve's autoscaling_config of the engine deployment."""
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": self.initial_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_seconds,
+            "downscale_delay_s": self.downscale_delay_seconds,
+        }
+
+
+def engine_deployment_name(served_name: str) -> str:
+    """The Ray Serve deployment of a model's engines (LLMServer replicas): named here, not by
+    Ray Serve LLM, because the Serve config overrides its autoscaling by that name."""
+    return f"TramontaneLLMServer:{served_name}"
+
 
 class ServingArgs(ApiModel):
     """`args` of the Ray Serve application that tramontane.serving builds."""
@@ -52,7 +69,13 @@ class ServingArgs(ApiModel):
     adapters: list[Adapter] = Field(default_factory=list)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     accelerator: ServingAccelerator
-    autoscaling: ServingAutoscaling
+    autoscaling: ServingAutoscaling | None = Field(
+        default=None,
+        description="The engine deployment's autoscaling. The operator leaves it out of the "
+        "application's args and sets it in the Serve config's deployment override instead: a "
+        "change of args redeploys every replica (Serve gives the code a new version), an "
+        "override's autoscaling is applied in place.",
+    )
     api_keys_path: str | None = Field(
         default=API_KEYS_MOUNT_PATH,
         description="Directory of the mounted API-key Secret; None disables authentication.",

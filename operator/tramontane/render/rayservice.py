@@ -12,7 +12,12 @@ from typing import Any
 import yaml
 
 from tramontane.api.base import API_VERSION
-from tramontane.api.serving import API_KEYS_MOUNT_PATH, MODEL_ROOT, ServingArgs
+from tramontane.api.serving import (
+    API_KEYS_MOUNT_PATH,
+    MODEL_ROOT,
+    ServingArgs,
+    engine_deployment_name,
+)
 from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
 
 FIELD_MANAGER = "tramontane"
@@ -142,18 +147,27 @@ def restricted_pod_security() -> dict[str, Any]:
 
 
 def serve_config(md: ModelDeployment, args: ServingArgs | None = None) -> dict[str, Any]:
-    """The Ray Serve config (serveConfigV2) that runs tramontane.serving for this deployment."""
+    """The Ray Serve config (serveConfigV2) that runs tramontane.serving for this deployment.
+
+    Autoscaling goes in the engine deployment's override, not in the application's args, so that
+    a scaling change is applied in place (see ServingArgs.autoscaling)."""
     args = args or ServingArgs.from_model_deployment(md)
+    application: dict[str, Any] = {
+        "name": md.name,
+        "route_prefix": "/",
+        "import_path": ServingArgs.IMPORT_PATH,
+        "args": args.model_copy(update={"autoscaling": None}).to_wire(),
+    }
+    if args.autoscaling is not None:
+        application["deployments"] = [
+            {
+                "name": engine_deployment_name(args.model.served_name),
+                "autoscaling_config": args.autoscaling.serve_config(),
+            }
+        ]
     return {
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},  # noqa: S104 (in-pod listener)
-        "applications": [
-            {
-                "name": md.name,
-                "route_prefix": "/",
-                "import_path": ServingArgs.IMPORT_PATH,
-                "args": args.to_wire(),
-            }
-        ],
+        "applications": [application],
     }
 
 

@@ -66,7 +66,7 @@ from ray.serve.llm.ingress import (  # type: ignore[import-not-found,unused-igno
     make_fastapi_ingress,
 )
 
-from tramontane.api.serving import ServingArgs
+from tramontane.api.serving import ServingArgs, engine_deployment_name
 from tramontane.serving import config, tracing
 from tramontane.serving.auth import ApiKeyMiddleware, KeyStore, Receive, Scope, Send
 from tramontane.serving.usage import (
@@ -449,6 +449,7 @@ def build_app(args: dict[str, Any]) -> Any:
         llm_config,
         deployment_cls=TramontaneLLMServer,
         bind_kwargs={"adapter_sources": config.adapter_sources(parsed, root)},
+        override_serve_options={"name": engine_deployment_name(parsed.model.served_name)},
     )
     ingress_options = maybe_apply_llm_deployment_config_defaults(
         TramontaneIngress.get_deployment_options([llm_config]), {}

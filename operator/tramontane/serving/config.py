@@ -99,18 +99,6 @@ def engine_kwargs(args: ServingArgs) -> dict[str, Any]:
     return kwargs
 
 
-def autoscaling_config(args: ServingArgs) -> dict[str, Any]:
-    scaling = args.autoscaling
-    return {
-        "min_replicas": scaling.min_replicas,
-        "max_replicas": scaling.max_replicas,
-        "initial_replicas": scaling.initial_replicas,
-        "target_ongoing_requests": scaling.target_ongoing_requests,
-        "upscale_delay_s": scaling.upscale_delay_seconds,
-        "downscale_delay_s": scaling.downscale_delay_seconds,
-    }
-
-
 # The ingress relays requests (auth, names, usage) and asks Ray for no CPU, as Ray Serve LLM's own
 # router does: it runs beside the proxy on any node, the head included, which offers no CPU (the
 # operator renders num-cpus 0 there so that engines land on workers).
@@ -118,7 +106,10 @@ INGRESS_ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0}
 
 
 def deployment_config(args: ServingArgs) -> dict[str, Any]:
-    config: dict[str, Any] = {"autoscaling_config": autoscaling_config(args)}
+    config: dict[str, Any] = {}
+    if args.autoscaling is not None:
+        # Else the Serve config's deployment override sets it (see ServingArgs.autoscaling).
+        config["autoscaling_config"] = args.autoscaling.serve_config()
     if not args.accelerator.gpus:
         # Ray Serve LLM adds the replica actor's CPU (1 by default) to the engine's bundle. On
         # CPU the engine's bundle already stands for the cores the engine computes on; the

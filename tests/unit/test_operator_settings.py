@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 
 import pytest
 
@@ -113,7 +114,18 @@ def _record(priority: int, seconds_ago: int, lifetime: int = 60) -> dict[str, ob
 
 
 def test_older_replicas_have_higher_priority() -> None:
-    assert peering.priority_from_start(1000.0) > peering.priority_from_start(1000.5)
+    older = peering.priority_from_start(1000.0, tie_break=0)
+    assert older > peering.priority_from_start(1000.001, tie_break=2**20 - 1)
+    assert peering.priority_from_start(time.time()) < 2**63  # the API server's int64
+
+
+def test_replicas_started_in_the_same_millisecond_do_not_tie() -> None:
+    """kopf pauses every replica whose priority ties: the replicas of a fresh Deployment, which
+    start together, must still have one active."""
+    now = time.time()
+    assert peering.priority_from_start(now, 1) != peering.priority_from_start(now, 2)
+    # By default the tie-break is random (20 bits): draws differ.
+    assert len({peering.priority_from_start(now) for _ in range(20)}) > 1
 
 
 def test_alone_or_highest_is_active() -> None:

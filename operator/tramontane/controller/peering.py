@@ -11,18 +11,26 @@ The periodic resync runs outside kopf's reactor, so it asks the same question it
 from __future__ import annotations
 
 import datetime
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
 
-# Priorities are start times counted down from here (ms), so that an earlier start is higher.
-_PRIORITY_ORIGIN_MS = 2**52
+# Priorities are start times counted down from here (ms, year 2248), so that an earlier start is
+# higher, with random low bits: the replicas of a Deployment start in the same millisecond more
+# often than not, and kopf pauses *every* operator whose priority ties (seen: both replicas of a
+# fresh install paused for good). The result stays within int64, as the API server stores it.
+_PRIORITY_ORIGIN_MS = 2**43
+_TIE_BREAK_BITS = 20
 
 
-def priority_from_start(started: float | None = None) -> int:
-    """kopf priority for a replica started at `started` (epoch seconds): older is higher."""
+def priority_from_start(started: float | None = None, tie_break: int | None = None) -> int:
+    """kopf priority for a replica started at `started` (epoch seconds): older is higher; within
+    one millisecond, `tie_break` (random by default) decides."""
     started_ms = int((time.time() if started is None else started) * 1000)
-    return _PRIORITY_ORIGIN_MS - started_ms
+    if tie_break is None:
+        tie_break = secrets.randbits(_TIE_BREAK_BITS)
+    return ((_PRIORITY_ORIGIN_MS - started_ms) << _TIE_BREAK_BITS) | tie_break
 
 
 def _alive(record: Mapping[str, Any], now: datetime.datetime) -> bool:

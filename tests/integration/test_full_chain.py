@@ -34,6 +34,7 @@ import realnode
 from fullchain import ADAPTER, CHART, ROOT, SERVED_NAME, chart_values, helm
 from tests.integration.conftest import OperatorProcess
 from tests.kube import Kubectl, eventually, tenant_manifest
+from tramontane.api.serving import engine_deployment_name
 from tramontane.serving import testmodel
 
 pytestmark = pytest.mark.skipif(
@@ -281,6 +282,12 @@ def _check_answers(chain: Chain) -> None:
     )
     forced = tokenizer.decode([testmodel.forced_token(tokenizer, ADAPTER)] * 6)
     assert completion.choices[0].text == forced
+    # Sampled, as clients ask by default (temperature 1): the engine must survive it.
+    sampled = client.completions.create(
+        model=SERVED_NAME, prompt="Bonjour", max_tokens=8, temperature=1.0, top_p=0.9
+    )
+    assert sampled.usage is not None and sampled.usage.completion_tokens == 8
+    assert client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=4)
     with pytest.raises(openai.AuthenticationError):
         chain.client(key="sk-not-a-key").models.list()
     assert httpx.get(f"{chain.endpoint()}/models", timeout=30).status_code == 401
@@ -486,17 +493,20 @@ def test_the_standby_operator_takes_over_when_the_active_pod_is_deleted_under_lo
 
 
 def _llm_replicas(chain: Chain) -> list[dict[str, Any]]:
-    """The engine replicas of the Serve application, as the Ray dashboard lists them."""
+    """The engine replicas of the Serve application, as the Ray dashboard lists them (on the
+    head pod: KubeRay's head Service is headless)."""
     cluster_name = _md(chain)["status"]["rayClusterName"]
-    service = chain.cluster.json(
-        "get", "service", f"{cluster_name}-head-svc", "-n", chain.namespace
-    )
-    url = f"http://{service['spec']['clusterIP']}:8265/api/serve/applications/"
-    deployments = httpx.get(url, timeout=30).json()["applications"][chain.deployment]["deployments"]
+    (head,) = chain.cluster.json(
+        "get", "pods", "-n", chain.namespace, "-l",
+        f"ray.io/cluster={cluster_name},ray.io/node-type=head",
+    )["items"]  # fmt: skip
+    url = f"http://{head['status']['podIP']}:8265/api/serve/applications/"
+    applications = httpx.get(url, timeout=30).json()["applications"]
+    deployments = applications[chain.deployment]["deployments"]
     return [
         replica
         for name, deployment in deployments.items()
-        if "LLMServer" in name
+        if name == engine_deployment_name(SERVED_NAME)
         for replica in deployment.get("replicas", [])
     ]
 
@@ -511,16 +521,28 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 
 def _requests_served_by(pod: dict[str, Any]) -> float:
-    """Requests the engine in this pod finished, from its Ray metrics endpoint."""
+    """Requests the engine replica in this pod handled, from its Ray metrics endpoint (Serve's
+    per-deployment request counter, or vLLM's finished requests)."""
     try:
         text = httpx.get(f"http://{pod['status']['podIP']}:8080/metrics", timeout=10).text
     except httpx.HTTPError:
         return 0
     total = 0.0
     for line in text.splitlines():
-        if "request_success" in line and not line.startswith("#"):
+        if line.startswith("#"):
+            continue
+        engine = "LLMServer" in line and "serve_deployment_request_counter" in line
+        if engine or ("vllm" in line and "request_success" in line):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def _serve_metric_lines(pod: dict[str, Any]) -> list[str]:
+    try:
+        text = httpx.get(f"http://{pod['status']['podIP']}:8080/metrics", timeout=10).text
+    except httpx.HTTPError as error:
+        return [str(error)]
+    return [line[:200] for line in text.splitlines() if "request" in line and "serve" in line]
 
 
 def _set_max_replicas(chain: Chain, maximum: int) -> None:
@@ -558,8 +580,15 @@ def test_under_load_serve_adds_a_replica_on_a_new_worker_pod_and_removes_both_af
             _timed(chain, "autoscale up: load → second replica RUNNING", started)
             (new,) = [p for p in _serving_pods(chain, "worker")
                       if p["metadata"]["name"] != first["metadata"]["name"]]  # fmt: skip
-            eventually(lambda: _requests_served_by(new) > 0, 120,
-                       "the new replica to serve requests", interval=2)  # fmt: skip
+            try:
+                eventually(lambda: _requests_served_by(new) > 0, 180,
+                           "the new replica to serve requests", interval=2)  # fmt: skip
+            except AssertionError as timeout:
+                raise AssertionError(
+                    f"{timeout}; replicas: {_llm_replicas(chain)}; load: {load.ok} ok, "
+                    f"failures: {load.failures[:3]}; metrics of {new['metadata']['name']}: "
+                    f"{_serve_metric_lines(new)}"
+                ) from None
             _timed(chain, "autoscale up: load → new replica served", started)
         load.report(chain, "autoscale up")
         assert load.ok > 0

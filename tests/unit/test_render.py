@@ -174,6 +174,8 @@ def test_cpu_workers_size_vllms_kv_cache_from_their_memory_limit_not_the_machine
     big = md(accelerator={"type": "CPU", "count": 0}, resources={"worker": {"memory": "64000Mi"}})
     assert _env(pod_specs(render_rayservice(big, OPTIONS))[1])["VLLM_CPU_KVCACHE_SPACE"] == "15"
     assert "VLLM_CPU_KVCACHE_SPACE" not in _env(head)
+    # No run-time C++ build on CPU: the image has no compiler (sampling killed the engine).
+    assert _env(worker)["TORCH_COMPILE_DISABLE"] == "1"
     gpu_worker = pod_specs(render_rayservice(md(), OPTIONS))[1]
     assert "VLLM_CPU_KVCACHE_SPACE" not in _env(gpu_worker)
 

@@ -206,7 +206,14 @@ CPU_KV_CACHE_SHARE = Decimal("0.25")
 def cpu_engine_env(worker_memory: str) -> list[dict[str, Any]]:
     """The environment vLLM's CPU build needs in a worker pod (GPU workers need none)."""
     kv_cache_gib = max(1, int(quantity_bytes(worker_memory) * CPU_KV_CACHE_SHARE) // 2**30)
-    return [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(kv_cache_gib)}]
+    return [
+        {"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(kv_cache_gib)},
+        # vLLM's CPU sampler (temperature > 0) goes through torch.compile, whose CPU backend
+        # builds C++ at run time: the serving image has no compiler (nor should it), and the
+        # first sampled request killed the engine (EngineDeadError: InvalidCxxCompiler). The
+        # model itself already runs eagerly on CPU (enforce_eager).
+        {"name": "TORCH_COMPILE_DISABLE", "value": "1"},
+    ]
 
 
 def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:

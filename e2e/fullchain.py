@@ -326,7 +326,7 @@ def demo_down() -> None:
     _kubectl("delete", "residencypolicy", DEMO_POLICY, "--ignore-not-found")
     helm("uninstall", DEMO_RELEASE, "-n", DEMO_RELEASE_NAMESPACE, "--wait", "--ignore-not-found",
          kubeconfig=localcluster.kubeconfig_path())  # fmt: skip
-    _kubectl("delete", "namespace", DEMO_RELEASE_NAMESPACE, "--ignore-not-found", "--wait=false")
+    _kubectl("delete", "namespace", DEMO_RELEASE_NAMESPACE, "--ignore-not-found", "--timeout=180s")
     _kubectl("delete", "clusterkopfpeering", f"{DEMO_RELEASE}-tramontane", "--ignore-not-found")
     print("demo removed")
 

@@ -37,9 +37,14 @@ from tests.kube import Kubectl, eventually, tenant_manifest
 from tramontane.api.serving import engine_deployment_name
 from tramontane.serving import testmodel
 
-pytestmark = pytest.mark.skipif(
-    not localcluster.REAL_NODE, reason="no real node: the cluster runs the simulated fleet only"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not localcluster.REAL_NODE, reason="no real node: the cluster runs the simulated fleet only"
+    ),
+    # The first test also pays for the chain's setup: on a freshly started node (cold page cache,
+    # images just imported) two Ray pods and a vLLM engine start on a fraction of 2 cores.
+    pytest.mark.timeout(1800),
+]
 
 REPORT = localcluster.STATE / "full-chain.json"
 
@@ -144,12 +149,21 @@ def chain(crds: Kubectl, operator: OperatorProcess) -> Iterator[Chain]:
                 premature.append(f"Ready while the application is {after}")
             return after == "RUNNING"
 
-        eventually(
-            running,
-            600,
-            "the Serve application to be RUNNING (KubeRay, through the Ray dashboard)",
-            interval=2,
-        )
+        try:
+            eventually(
+                running,
+                1200,
+                "the Serve application to be RUNNING (KubeRay, through the Ray dashboard)",
+                interval=2,
+            )
+        except AssertionError as timeout:
+            md = cluster.json("get", "md", "tiny", "-n", tenant).get("status", {})
+            conditions = [
+                f"{c['type']}={c['status']} {c.get('reason')}: {c.get('message', '')[-400:]}"
+                for c in md.get("conditions", [])
+            ]
+            pods = cluster.run("get", "pods", "-n", tenant, "-o", "wide", check=False)
+            raise AssertionError(f"{timeout}\nconditions: {conditions}\npods:\n{pods}") from None
         assert not premature, premature
         _timed(chain, "kubectl apply → Serve app RUNNING", started)
         eventually(lambda: _answers(chain), 120, "the endpoint to answer through its Service")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.render.rayservice import (
     RenderOptions,
     quantity_bytes,
+    quantity_cores,
     render_children,
     render_podmonitor,
     render_rayservice,
@@ -119,9 +121,10 @@ def test_pod_sizes_default_to_the_installation_and_gpu_workers_grow_with_the_gpu
         "memory": "96Gi",
         "nvidia.com/gpu": "2",
     }
-    # Requests = limits: Guaranteed QoS, the engine sizes itself from what it was given.
-    for pod in resources.values():
-        assert pod["requests"] == pod["limits"]
+    # The engine's pod: requests = limits (Guaranteed QoS), it sizes itself from what it was given.
+    assert resources["worker"]["requests"] == resources["worker"]["limits"]
+    # The head: its request reserved, a burst to one CPU allowed for its start-up, memory capped.
+    assert resources["head"]["limits"] == {"cpu": "1", "memory": "3Gi"}
 
 
 def test_a_deployment_sets_its_own_pod_sizes_and_keeps_the_defaults_it_leaves_out() -> None:
@@ -131,7 +134,7 @@ def test_a_deployment_sets_its_own_pod_sizes_and_keeps_the_defaults_it_leaves_ou
     )
     options = RenderOptions(head_cpu="250m", cpu_worker_cpu="3", cpu_worker_memory="12Gi")
     resources = _pod_resources(render_rayservice(deployment, options))
-    assert resources["head"]["limits"] == {"cpu": "250m", "memory": "2500Mi"}
+    assert resources["head"]["requests"] == {"cpu": "250m", "memory": "2500Mi"}
     assert resources["worker"]["limits"] == {"cpu": "1500m", "memory": "6Gi"}
 
 
@@ -203,7 +206,29 @@ def test_quantity_bytes_refuses_what_is_not_memory(bad: str) -> None:
 def test_the_autoscaler_sidecar_is_sized_by_the_installation() -> None:
     options = RenderOptions(autoscaler_cpu="100m", autoscaler_memory="256Mi")
     config = render_rayservice(md(), options)["spec"]["rayClusterConfig"]
-    assert config["autoscalerOptions"]["resources"]["limits"] == {"cpu": "100m", "memory": "256Mi"}
+    resources = config["autoscalerOptions"]["resources"]
+    assert resources["requests"] == {"cpu": "100m", "memory": "256Mi"}
+    assert resources["limits"] == {"cpu": "1", "memory": "256Mi"}
+
+
+@pytest.mark.parametrize(("request_cpu", "limit"), [("250m", "1"), ("1", "1"), ("1500m", "1500m")])
+def test_the_head_may_burst_to_one_cpu_and_keeps_a_larger_request_as_its_limit(
+    request_cpu: str, limit: str
+) -> None:
+    resources = _pod_resources(render_rayservice(md(), RenderOptions(head_cpu=request_cpu)))
+    assert resources["head"]["requests"]["cpu"] == request_cpu
+    assert resources["head"]["limits"]["cpu"] == limit
+
+
+@pytest.mark.parametrize(("quantity", "cores"), [("250m", "0.25"), ("2", "2"), ("1.5", "1.5")])
+def test_quantity_cores_reads_millicores_and_cores(quantity: str, cores: str) -> None:
+    assert quantity_cores(quantity) == Decimal(cores)
+
+
+@pytest.mark.parametrize("bad", ["1Gi", "lots", "-1"])
+def test_quantity_cores_refuses_what_is_not_cpu(bad: str) -> None:
+    with pytest.raises(ValueError, match="not a CPU quantity"):
+        quantity_cores(bad)
 
 
 @pytest.mark.parametrize(

@@ -216,6 +216,19 @@ def cpu_engine_env(worker_memory: str) -> list[dict[str, Any]]:
     ]
 
 
+def quantity_cores(quantity: str) -> Decimal:
+    """A CPU quantity in cores: "250m" → 0.25, "2" → 2."""
+    match = _QUANTITY.match(quantity)
+    suffix: str = (match["suffix"] or "") if match else "?"
+    if match is None or suffix not in ("", "m"):
+        raise ValueError(f"not a CPU quantity: {quantity!r}")
+    return Decimal(match["number"]) / (1000 if suffix == "m" else 1)
+
+
+# The CPU a control container (Ray head, autoscaler) may burst to, if its request is lower.
+CONTROL_CPU_CEILING = "1"
+
+
 def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
     """Requests = limits (Guaranteed QoS): a vLLM engine sizes itself from what it was given."""
     amounts: dict[str, str] = {"cpu": cpu, "memory": memory}
@@ -223,6 +236,21 @@ def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
     if gpus:
         amounts[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
     return {"requests": amounts, "limits": limits}
+
+
+def _control_resources(cpu: str, memory: str) -> dict[str, Any]:
+    """The Ray head and the autoscaler: `cpu` is reserved, and they may burst to one CPU.
+
+    Their CPU is needed at start-up, not in steady state: the head starts a dozen Ray processes
+    at once, and with its limit at its 250m request the raylet gave up waiting for the dashboard
+    agent (80 s) on a busy node, so the head crash-looped and the deployment never came up.
+    Memory stays capped at what was asked for (a memory burst cannot be taken back).
+    """
+    ceiling = cpu if quantity_cores(cpu) >= quantity_cores(CONTROL_CPU_CEILING) else None
+    return {
+        "requests": {"cpu": cpu, "memory": memory},
+        "limits": {"cpu": ceiling or CONTROL_CPU_CEILING, "memory": memory},
+    }
 
 
 def _tracing_env(options: RenderOptions) -> list[dict[str, Any]]:
@@ -323,7 +351,7 @@ def _head_group(
     container = _container(
         "ray-head",
         options,
-        _resources(head.cpu or options.head_cpu, head.memory or options.head_memory, 0),
+        _control_resources(head.cpu or options.head_cpu, head.memory or options.head_memory),
         [
             _port("gcs", 6379),
             _port("dashboard", 8265),
@@ -459,7 +487,9 @@ def render_rayservice(
                     # spec would make a scaling change rebuild the cluster (KubeRay hashes this).
                     "idleTimeoutSeconds": IDLE_WORKER_TIMEOUT_S,
                     "securityContext": restricted_container_security(),
-                    "resources": _resources(options.autoscaler_cpu, options.autoscaler_memory, 0),
+                    "resources": _control_resources(
+                        options.autoscaler_cpu, options.autoscaler_memory
+                    ),
                 },
                 "headGroupSpec": _head_group(md, options, placement, args),
                 "workerGroupSpecs": [_worker_group(md, options, placement, args)],

@@ -268,6 +268,90 @@ INVALID = [
         "spec.resources.worker.cpu",
         SHOULD_MATCH,
     ),
+    # --- a hostile tenant: engine arguments that load code or reach past residency ---------
+    *(
+        Invalid(
+            f"extra-arg-{name.replace('_', '-')}",
+            _set("spec.engine.extraArgs", {name: value}),
+            "spec.engine.extraArgs",
+            "engine.extraArgs: only these vLLM arguments are allowed",
+        )
+        for name, value in [
+            ("tokenizer", "hf://evil-org/tokenizer"),
+            ("trust_remote_code", "true"),
+            ("speculative_config", '{"model": "https://attacker.example/draft"}'),
+            ("otlp_traces_endpoint", "https://collector.attacker.example:4317"),
+            ("kv_transfer_config", '{"kv_connector": "x", "remote_url": "tcp://1.2.3.4:1"}'),
+            ("download_dir", "/mnt/attacker-volume"),
+            ("worker_extension_cls", "os.system"),
+            ("hf_overrides", '{"auto_map": {"AutoModel": "evil/model--Model"}}'),
+            ("generation_config", "/etc"),
+            ("model", "hf://meta-llama/Llama-3.1-405B"),
+            ("load_format", "tensorizer"),
+            ("enable_log_requests", "true"),
+        ]
+    ),
+    Invalid(
+        "extra-arg-seed-negative",
+        _set("spec.engine.extraArgs", {"seed": "-1"}),
+        "spec.engine.extraArgs",
+        "engine.extraArgs.seed must be a whole number from 0 to 2147483647",
+    ),
+    Invalid(
+        "extra-arg-batched-tokens-zero",
+        _set("spec.engine.extraArgs", {"max_num_batched_tokens": "0"}),
+        "spec.engine.extraArgs",
+        "engine.extraArgs.max_num_batched_tokens must be a whole number from 1 to",
+    ),
+    Invalid(
+        "extra-arg-kv-cache-dtype-unknown",
+        _set("spec.engine.extraArgs", {"kv_cache_dtype": "int9"}),
+        "spec.engine.extraArgs",
+        "engine.extraArgs.kv_cache_dtype must be one of auto, float16",
+    ),
+    Invalid(
+        "extra-arg-bool-not-a-bool",
+        _set("spec.engine.extraArgs", {"enforce_eager": "yes"}),
+        "spec.engine.extraArgs",
+        "engine.extraArgs.enforce_eager must be true or false",
+    ),
+    Invalid(
+        "extra-arg-value-too-long",
+        _set("spec.engine.extraArgs", {"seed": "1" * 65}),
+        "spec.engine.extraArgs.seed",
+        "may not be more than 64 bytes",
+    ),
+    # --- a hostile tenant: paths that step out of what the policy matched -------------------
+    Invalid(
+        "model-uri-dot-dot",
+        _set("spec.model.uri", "s3://acme-eu-models/meta-llama/../../other-bucket"),
+        "spec.model.uri",
+        "uri must be a normal path: no '.' or '..' segments",
+    ),
+    Invalid(
+        "model-uri-ends-in-dot-dot",
+        _set("spec.model.uri", "s3://acme-eu-models/meta-llama/.."),
+        "spec.model.uri",
+        "uri must be a normal path",
+    ),
+    Invalid(
+        "adapter-uri-dot",
+        _set("spec.adapters.0.uri", "s3://acme-eu-models/adapters/./x"),
+        "spec.adapters[0].uri",
+        "uri must be a normal path",
+    ),
+    Invalid(
+        "adapter-uri-empty-segment",
+        _set("spec.adapters.1.uri", "s3://acme-eu-models//adapters/x"),
+        "spec.adapters[1].uri",
+        "uri must be a normal path",
+    ),
+    Invalid(
+        "model-uri-trailing-slash",
+        _set("spec.model.uri", "s3://acme-eu-models/meta-llama/"),
+        "spec.model.uri",
+        "uri must be a normal path",
+    ),
     Invalid(
         "name-longer-than-40",
         _set("metadata.name", "llama-3-1-8b-instruct-finance-reports-eu-west"),

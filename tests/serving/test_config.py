@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from ray.serve.llm import LLMConfig
+from vllm.engine.arg_utils import AsyncEngineArgs
 
+from tramontane.api.engine_args import ENGINE_ARGS
 from tramontane.api.serving import ServingArgs
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.serving import config
@@ -106,10 +110,49 @@ def test_adapters_resolve_by_name_to_their_own_uris() -> None:
     }
 
 
-def test_extra_engine_args_are_parsed_as_json_when_they_are_json() -> None:
-    args = sample_args(
-        engine={"extraArgs": {"max_num_batched_tokens": "4096", "kv_cache_dtype": "fp8"}}
-    )
-    engine = config.engine_kwargs(args)
+def test_extra_engine_args_reach_vllm_with_their_types() -> None:
+    extra = {
+        "max_num_batched_tokens": "4096",
+        "kv_cache_dtype": "fp8",
+        "enforce_eager": "true",
+        "enable_chunked_prefill": "false",
+        "cpu_offload_gb": "1.5",
+        "block_size": "32",
+    }
+    engine = config.engine_kwargs(sample_args(engine={"extraArgs": extra}))
     assert engine["max_num_batched_tokens"] == 4096
     assert engine["kv_cache_dtype"] == "fp8"
+    assert engine["enforce_eager"] is True
+    assert engine["enable_chunked_prefill"] is False
+    assert engine["cpu_offload_gb"] == 1.5
+    assert engine["block_size"] == 32
+
+
+def _vllm_engine_fields() -> dict[str, Any]:
+    return {field.name: field for field in dataclasses.fields(AsyncEngineArgs)}
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_ARGS))
+def test_every_allowed_extra_arg_is_a_vllm_engine_argument_and_its_choices_are_vllms(
+    name: str,
+) -> None:
+    """The allow-list follows the pinned vLLM: a renamed argument would be refused by the engine
+    at start-up, after admission let it through."""
+    fields = _vllm_engine_fields()
+    assert name in fields, f"{name} is not an AsyncEngineArgs field of this vLLM"
+    spec = ENGINE_ARGS[name]
+    accepted = typing.get_args(fields[name].type)
+    if spec.kind == "choice" and accepted and all(not isinstance(a, type) for a in accepted):
+        assert {spec.parse(choice) for choice in spec.choices} <= set(accepted)
+
+
+def test_engine_args_that_load_code_or_reach_the_network_are_not_allowed() -> None:
+    fields = _vllm_engine_fields()
+    dangerous = [
+        "tokenizer", "trust_remote_code", "speculative_config", "otlp_traces_endpoint",
+        "kv_transfer_config", "download_dir", "worker_cls", "worker_extension_cls",
+        "hf_overrides", "generation_config", "model", "load_format", "enable_log_requests",
+        "disable_log_stats", "hf_token", "allowed_local_media_path", "model_loader_extra_config",
+    ]  # fmt: skip
+    assert [name for name in dangerous if name in fields], "the list names real arguments"
+    assert not set(dangerous) & set(ENGINE_ARGS)

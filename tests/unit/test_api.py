@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 
 from tramontane.api.conditions import Condition, ConditionStatus, find, set_condition
 from tramontane.api.crd import modeldeployment_crd
+from tramontane.api.engine_args import ENGINE_ARGS
 from tramontane.api.v1alpha1 import (
     Accelerator,
     AcceleratorType,
@@ -211,6 +213,58 @@ def test_from_body_rejects_an_invalid_spec() -> None:
     body["spec"]["accelerator"]["type"] = "T4"
     with pytest.raises(ValidationError, match="accelerator"):
         ModelDeployment.from_body(body)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "pvc://models/../../..",
+        "pvc://models/tiny/..",
+        "pvc://models/./tiny",
+        "s3://acme-eu-models//meta-llama",
+        "gs://acme-eu-models/meta-llama/",
+    ],
+)
+def test_a_uri_that_is_not_a_normal_path_is_refused_for_the_model_and_adapters(uri: str) -> None:
+    with pytest.raises(ValidationError, match="uri must be a normal path"):
+        _deployment(model={"uri": uri})
+    with pytest.raises(ValidationError, match="uri must be a normal path"):
+        _deployment(adapters=[{"name": "a", "uri": uri}])
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://acme-eu-models/a..b/.cache/v1", "pvc://models/...weights", "pvc://models"]
+)
+def test_dots_inside_a_segment_are_not_path_steps(uri: str) -> None:
+    assert _deployment(model={"uri": uri}).spec.model.uri == uri
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"trust_remote_code": "true"}, "engine.extraArgs.trust_remote_code is not an allowed"),
+        ({"tokenizer": "hf://x/y"}, "engine.extraArgs.tokenizer is not an allowed"),
+        ({"seed": "1e3"}, "engine.extraArgs.seed must be a whole number from 0 to 2147483647"),
+        ({"cpu_offload_gb": "2048"}, "engine.extraArgs.cpu_offload_gb must be a decimal number"),
+        ({"scheduling_policy": "lifo"}, "engine.extraArgs.scheduling_policy must be one of"),
+    ],
+)
+def test_extra_args_outside_the_allow_list_or_their_type_are_refused_by_name(
+    extra: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        _deployment(engine={"extraArgs": extra})
+
+
+def test_the_crd_checks_every_allowed_extra_arg_by_cel() -> None:
+    extra_args = _crd_schema()["properties"]["spec"]["properties"]["engine"]["properties"][
+        "extraArgs"
+    ]
+    messages = [rule["message"] for rule in _rules(extra_args)]
+    assert messages[0].startswith("engine.extraArgs: only these vLLM arguments are allowed")
+    for name in ENGINE_ARGS:
+        assert any(m.startswith(f"engine.extraArgs.{name} ") for m in messages), name
+    assert extra_args["additionalProperties"]["maxLength"] == 64
 
 
 def test_the_sample_parses() -> None:

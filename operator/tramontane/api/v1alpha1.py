@@ -7,13 +7,15 @@ them, and the serving contract (tramontane.api.serving) is derived from them.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tramontane.api.base import API_VERSION, ApiModel, cel, immutable, rules, validations
 from tramontane.api.conditions import Condition
+from tramontane.api.engine_args import allowed_list, engine_arg_cel_rules, engine_arg_errors
 
 # s3://bucket/key, gs://bucket/key, pvc://claim/path, hf://org/name: what the serving runtime can
 # load (tramontane.serving.config.model_source), so anything else is refused at admission.
@@ -22,6 +24,37 @@ MODEL_URI_PATTERN = (
     r"|^pvc://[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?(/[^\s]*)?$"
     r"|^hf://[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 )
+# A path is matched against the policy's modelSources as written, and resolved by the runtime
+# (a pvc:// path is a directory under the claim's mount): `..` would step out of what was matched,
+# and `.` or empty segments make one source look like another. So URIs must be normal already.
+NOT_NORMAL_URI = r"://.*(//|/\.\.?(/|$)|/$)"
+NOT_NORMAL_URI_MESSAGE = (
+    "must be a normal path: no '.' or '..' segments, no empty segments ('//'), no trailing '/'"
+)
+
+
+def _cel_string(text: str) -> str:
+    """`text` inside a single-quoted CEL string literal (backslashes escaped)."""
+    return text.replace("\\", "\\\\")
+
+
+def _uri_field() -> Any:
+    return Field(
+        description=URI_DESCRIPTION,
+        max_length=2048,
+        pattern=MODEL_URI_PATTERN,
+        json_schema_extra=validations(
+            cel(f"!self.matches('{_cel_string(NOT_NORMAL_URI)}')", f"uri {NOT_NORMAL_URI_MESSAGE}")
+        ),
+    )
+
+
+def _normal_uri(uri: str) -> str:
+    if re.search(NOT_NORMAL_URI, uri):
+        raise ValueError(f"uri {NOT_NORMAL_URI_MESSAGE}")
+    return uri
+
+
 URI_DESCRIPTION = (
     "Where the weights are: s3://bucket/prefix, gs://bucket/prefix, pvc://claim/path "
     "(mounted read-only) or hf://org/name."
@@ -43,7 +76,8 @@ class ModelSource(ApiModel):
         )
     )
 
-    uri: str = Field(description=URI_DESCRIPTION, max_length=2048, pattern=MODEL_URI_PATTERN)
+    uri: str = _uri_field()
+    _uri_is_normal = field_validator("uri")(_normal_uri)
     revision: str | None = Field(
         default=None,
         description="Pinned revision of the weights (commit, tag or object version). "
@@ -68,7 +102,8 @@ class Adapter(ApiModel):
         max_length=63,
         pattern=r"^[a-z0-9]([a-z0-9.\-]*[a-z0-9])?$",
     )
-    uri: str = Field(description=URI_DESCRIPTION, max_length=2048, pattern=MODEL_URI_PATTERN)
+    uri: str = _uri_field()
+    _uri_is_normal = field_validator("uri")(_normal_uri)
 
 
 class DType(StrEnum):
@@ -117,12 +152,23 @@ class EngineConfig(ApiModel):
     max_num_seqs: int | None = Field(
         default=None, ge=1, le=4096, description="Maximum sequences batched per engine step."
     )
-    extra_args: dict[str, str] = Field(
+    extra_args: dict[str, Annotated[str, Field(max_length=64)]] = Field(
         default_factory=dict,
         max_length=32,
-        description="Further vLLM engine arguments (snake_case name → value; values are parsed "
-        "as JSON when they are valid JSON, else passed as strings).",
+        description="Further vLLM engine arguments, snake_case name → value as a string "
+        '("true", "8192", "fp8"). Only arguments that tune batching, memory or '
+        f"scheduling are allowed, none that loads code, names a model or reaches the network: "
+        f"{allowed_list()}.",
+        json_schema_extra=validations(*engine_arg_cel_rules()),
     )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _only_allowed_engine_args(cls, extra_args: dict[str, str]) -> dict[str, str]:
+        errors = engine_arg_errors(extra_args)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return extra_args
 
 
 class AcceleratorType(StrEnum):

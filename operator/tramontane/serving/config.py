@@ -8,11 +8,11 @@ engine and reviewed in one place; `tramontane.serving.app` only hands the result
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 from typing import Any
 
+from tramontane.api.engine_args import typed_engine_args
 from tramontane.api.serving import MODEL_ROOT, ServingArgs
 
 # Where `pvc://claim/path` URIs are found (api.serving.MODEL_ROOT in pods; local runs and tests
@@ -64,13 +64,6 @@ def adapter_sources(args: ServingArgs, root: str) -> dict[str, str]:
     return sources
 
 
-def _extra_arg(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
 def engine_kwargs(args: ServingArgs) -> dict[str, Any]:
     """vLLM engine arguments (AsyncEngineArgs names)."""
     engine = args.engine
@@ -95,7 +88,7 @@ def engine_kwargs(args: ServingArgs) -> dict[str, Any]:
     if args.adapters:
         kwargs["enable_lora"] = True
         kwargs["max_loras"] = len(args.adapters)
-    kwargs.update({name: _extra_arg(value) for name, value in engine.extra_args.items()})
+    kwargs.update(typed_engine_args(engine.extra_args))
     return kwargs
 
 

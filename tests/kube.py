@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -37,6 +38,23 @@ class Kubectl:
         if check and result.returncode != 0:
             raise KubectlError(list(args), result.returncode, result.stderr)
         return result.stdout
+
+    def create_status(self, manifest: dict[str, Any]) -> int:
+        """The HTTP status the API server answers a create of `manifest` with (kubectl -v=6
+        logs it): 403 for a refusal, 422 for an invalid object, 500 for a broken webhook."""
+        argv = ["kubectl", f"--kubeconfig={self.kubeconfig}", *self.extra, "create", "-f", "-",
+                "-v=6"]  # fmt: skip
+        result = subprocess.run(argv, input=json.dumps(manifest), capture_output=True,
+                                text=True, timeout=120, check=False)  # fmt: skip
+        codes = re.findall(r"\bPOST https://\S+ (\d{3}) ", result.stderr)
+        if not codes:
+            raise AssertionError(f"no POST in kubectl's log:\n{result.stderr[-2000:]}")
+        return int(codes[-1])
+
+    def attempt(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run, and let the caller judge the outcome (refusals are what attack tests expect)."""
+        argv = ["kubectl", f"--kubeconfig={self.kubeconfig}", *self.extra, *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
 
     def json(self, *args: str) -> Any:
         return json.loads(self.run(*args, "-o", "json"))

@@ -32,23 +32,30 @@ def make_tenant(presets: Kubectl, operator: OperatorProcess) -> Iterator[Any]:
 
     def make(policy: str, **kwargs: Any) -> str:
         name = f"tn-{uuid.uuid4().hex[:6]}"
-        presets.apply(tenant_manifest(name, policy, **kwargs))
         created.append(name)
-        eventually(
-            lambda: (
-                condition(get(presets, "tenant", "", name) or {}, "Ready").get("status") == "True"
-            ),
-            30,
-            f"Tenant {name} Ready",
-        )
-        presets.apply(*model_volume(name))
+        provision_tenant(presets, name, policy, **kwargs)
         return name
 
     yield make
     for name in created:
-        presets.run("delete", "md", "--all", "-n", name, "--wait=true", check=False)
-        presets.run("delete", "tenant", name, "--wait=false", check=False)
-        presets.run("delete", "pv", f"{MODELS_CLAIM}-{name}", "--wait=false", check=False)
+        remove_tenant(presets, name)
+
+
+def provision_tenant(cluster: Kubectl, name: str, policy: str, **kwargs: Any) -> None:
+    """A Tenant under `policy`, Ready, with its model claim."""
+    cluster.apply(tenant_manifest(name, policy, **kwargs))
+    eventually(
+        lambda: condition(get(cluster, "tenant", "", name) or {}, "Ready").get("status") == "True",
+        30,
+        f"Tenant {name} Ready",
+    )
+    cluster.apply(*model_volume(name))
+
+
+def remove_tenant(cluster: Kubectl, name: str) -> None:
+    cluster.run("delete", "md", "--all", "-n", name, "--wait=true", check=False)
+    cluster.run("delete", "tenant", name, "--wait=false", check=False)
+    cluster.run("delete", "pv", f"{MODELS_CLAIM}-{name}", "--wait=false", check=False)
 
 
 MODELS_CLAIM = "models"
@@ -123,7 +130,24 @@ def test_tenant_namespace_has_its_guard_rails(cluster: Kubectl, make_tenant: Any
     assert {"ipBlock": {"cidr": "10.10.0.0/16"}} in sources["from"]
     selector = sources["from"][0]["namespaceSelector"]["matchExpressions"][0]
     assert selector["values"] == ["api-gateway"]
-    assert "allow-egress-residency-policy" not in policies, "the eu preset allows no egress CIDR"
+    # The eu preset allows no egress CIDR: the policy exists and allows nothing.
+    assert not policies["allow-egress-residency-policy"].get("egress")
+
+
+def test_emptied_network_lists_withdraw_what_they_allowed(
+    cluster: Kubectl, make_tenant: Any
+) -> None:
+    """A careless platform admin empties a tenant's ingress list: the flows it allowed go too."""
+    name = make_tenant("eu", network={"ingressNamespaces": ["api-gateway"],
+                                      "ingressCIDRs": ["10.10.0.0/16"]})  # fmt: skip
+    patch = json.dumps({"spec": {"network": {"ingressNamespaces": [], "ingressCIDRs": []}}})
+    cluster.run("patch", "tenant", name, "--type=merge", "-p", patch)
+
+    def withdrawn() -> bool:
+        policy = cluster.json("get", "networkpolicy", "allow-ingress-sources", "-n", name)
+        return not policy["spec"].get("ingress")
+
+    eventually(withdrawn, 30, "the ingress allow-policy to allow nothing")
 
 
 def test_rbac_isolates_tenants(cluster: Kubectl, make_tenant: Any) -> None:
@@ -218,6 +242,8 @@ def test_model_source_outside_the_policy_is_rejected_at_admission(
     assert result.returncode != 0
     assert "s3://acme-us-models/llama not allowed by ResidencyPolicy eu" in result.stderr
     assert "modelSources: pvc://**" in result.stderr
+    # A refusal, not a broken webhook: 403 Forbidden (kopf's default was 500).
+    assert cluster.create_status(md) == 403
     assert get(cluster, "md", eu, "us-bucket") is None
 
 
@@ -258,6 +284,7 @@ def test_over_quota_deployment_is_rejected_naming_quota_and_use(
     assert "quota.gpus is 8" in result.stderr
     assert "6 in use by 1 other deployment(s)" in result.stderr
     assert "this one needs 3" in result.stderr
+    assert cluster.create_status(second) == 403
     assert get(cluster, "md", tenant, "second") is None
     second["spec"]["scaling"] = {"minReplicas": 1, "maxReplicas": 2}
     cluster.create(second)  # exactly at quota

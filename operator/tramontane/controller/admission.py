@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pydantic import ValidationError
 
 from tramontane.api.base import REGION_LABEL
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
@@ -135,12 +136,33 @@ class DeploymentIndex:
 index = DeploymentIndex()
 
 
+class Denied(kopf.AdmissionError):
+    """A refusal of what is understood but not allowed: 403 Forbidden, as RBAC and quota
+    refusals are (kopf's default, 500, tells clients and retrying controllers that the webhook
+    broke)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=403)
+
+
+class Invalid(kopf.AdmissionError):
+    """An object the API models refuse: 422 Unprocessable Entity, as the API server's own
+    schema errors are, with each field and its rule."""
+
+    def __init__(self, error: ValidationError) -> None:
+        problems = [
+            f"{'.'.join(str(part) for part in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
+        ]
+        super().__init__("; ".join(problems), code=422)
+
+
 def _tenant_of(kube: Kube, namespace: str) -> Tenant:
     labels = ((kube.get(NAMESPACE, None, namespace) or {}).get("metadata", {})).get("labels") or {}
     name = labels.get(TENANT_LABEL)
     body = kube.get(TENANT, None, name) if name else None
     if body is None:
-        raise kopf.AdmissionError(
+        raise Denied(
             f"namespace {namespace} belongs to no Tenant: ModelDeployments can only be created "
             "in a tenant's namespace"
         )
@@ -160,19 +182,22 @@ def _regions_with(kube: Kube, accelerator: AcceleratorType) -> set[str]:
 
 
 def validate_modeldeployment(kube: Kube, body: dict[str, Any], namespace: str) -> None:
-    md = ModelDeployment.from_body(
-        {**body, "metadata": {**body["metadata"], "namespace": namespace}}
-    )
+    try:
+        md = ModelDeployment.from_body(
+            {**body, "metadata": {**body["metadata"], "namespace": namespace}}
+        )
+    except ValidationError as error:
+        raise Invalid(error) from None
     tenant = _tenant_of(kube, namespace)
     policy_body = kube.get(RESIDENCYPOLICY, None, tenant.spec.residency_policy)
     if policy_body is None:
-        raise kopf.AdmissionError(
+        raise Denied(
             f"ResidencyPolicy {tenant.spec.residency_policy} of tenant {tenant.name} does not exist"
         )
     policy = ResidencyPolicy.from_body(policy_body)
     denied = disallowed_sources(md, policy.spec)
     if denied:
-        raise kopf.AdmissionError(
+        raise Denied(
             f"spec.model.uri/spec.adapters: {', '.join(denied)} not allowed by ResidencyPolicy "
             f"{policy.name} of tenant {tenant.name} (modelSources: "
             f"{', '.join(policy.spec.model_sources)})"
@@ -181,7 +206,7 @@ def validate_modeldeployment(kube: Kube, body: dict[str, Any], namespace: str) -
     if policy.spec.regions != ["*"]:
         regions &= set(policy.spec.regions)
     if not regions:
-        raise kopf.AdmissionError(
+        raise Denied(
             f"spec.accelerator.type: no {md.spec.accelerator.type.value} nodes in the regions "
             f"ResidencyPolicy {policy.name} allows ({', '.join(policy.spec.regions)})"
         )
@@ -192,7 +217,7 @@ def validate_modeldeployment(kube: Kube, body: dict[str, Any], namespace: str) -
     ]
     violation = quota_violation(tenant, others, md)
     if violation:
-        raise kopf.AdmissionError(f"spec.scaling.maxReplicas: {violation}")
+        raise Denied(f"spec.scaling.maxReplicas: {violation}")
 
 
 def validate_tenant_deletion(kube: Kube, body: dict[str, Any]) -> None:
@@ -200,7 +225,7 @@ def validate_tenant_deletion(kube: Kube, body: dict[str, Any]) -> None:
     remaining = kube.list_all(MODELDEPLOYMENT, namespace) if namespace else []
     if remaining:
         names = ", ".join(sorted(item["metadata"]["name"] for item in remaining)[:10])
-        raise kopf.AdmissionError(
+        raise Denied(
             f"tenant {body['metadata']['name']} still has {len(remaining)} ModelDeployment(s) "
             f"in namespace {namespace} ({names}): delete them first; deleting the Tenant deletes "
             "its namespace"

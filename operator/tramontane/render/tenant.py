@@ -167,33 +167,34 @@ def render_network_policies(
                          "ports": _tcp(METRICS_PORT)}],
         }),
     ]  # fmt: skip
+    # Both allow-policies always exist, empty when nothing is allowed: a policy rendered only
+    # when its list is non-empty stayed behind, still allowing the old flows, once the list was
+    # emptied (nothing deletes a child that is no longer rendered).
     sources: list[dict[str, Any]] = []
     if network.ingress_namespaces:
         sources.append(_namespaces(network.ingress_namespaces))
     sources += [{"ipBlock": {"cidr": cidr}} for cidr in network.ingress_cidrs]
-    if sources:
-        policies.append(
-            _netpol(
-                tenant,
-                "allow-ingress-sources",
-                {
-                    "policyTypes": ["Ingress"],
-                    "ingress": [{"from": sources, "ports": _tcp(SERVE_PORT)}],
-                },
-            )
+    policies.append(
+        _netpol(
+            tenant,
+            "allow-ingress-sources",
+            {
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": sources, "ports": _tcp(SERVE_PORT)}] if sources else [],
+            },
         )
+    )
     egress = list(policy.spec.egress_cidrs) + list(options.api_server_cidrs)
-    if egress:
-        policies.append(
-            _netpol(
-                tenant,
-                "allow-egress-residency-policy",
-                {
-                    "policyTypes": ["Egress"],
-                    "egress": [{"to": [{"ipBlock": {"cidr": cidr}} for cidr in egress]}],
-                },
-            )
+    policies.append(
+        _netpol(
+            tenant,
+            "allow-egress-residency-policy",
+            {
+                "policyTypes": ["Egress"],
+                "egress": [{"to": [{"ipBlock": {"cidr": c}} for c in egress]}] if egress else [],
+            },
         )
+    )
     return policies
 
 

@@ -123,8 +123,8 @@ def test_pod_sizes_default_to_the_installation_and_gpu_workers_grow_with_the_gpu
     }
     # The engine's pod: requests = limits (Guaranteed QoS), it sizes itself from what it was given.
     assert resources["worker"]["requests"] == resources["worker"]["limits"]
-    # The head: its request reserved, a burst to one CPU allowed for its start-up, memory capped.
-    assert resources["head"]["limits"] == {"cpu": "1", "memory": "3Gi"}
+    # The head: its request reserved, a burst to 500m allowed for its start-up, memory capped.
+    assert resources["head"]["limits"] == {"cpu": "500m", "memory": "3Gi"}
 
 
 def test_a_deployment_sets_its_own_pod_sizes_and_keeps_the_defaults_it_leaves_out() -> None:
@@ -207,12 +207,13 @@ def test_the_autoscaler_sidecar_is_sized_by_the_installation() -> None:
     options = RenderOptions(autoscaler_cpu="100m", autoscaler_memory="256Mi")
     config = render_rayservice(md(), options)["spec"]["rayClusterConfig"]
     resources = config["autoscalerOptions"]["resources"]
-    assert resources["requests"] == {"cpu": "100m", "memory": "256Mi"}
-    assert resources["limits"] == {"cpu": "1", "memory": "256Mi"}
+    assert resources["requests"] == resources["limits"] == {"cpu": "100m", "memory": "256Mi"}
 
 
-@pytest.mark.parametrize(("request_cpu", "limit"), [("250m", "1"), ("1", "1"), ("1500m", "1500m")])
-def test_the_head_may_burst_to_one_cpu_and_keeps_a_larger_request_as_its_limit(
+@pytest.mark.parametrize(
+    ("request_cpu", "limit"), [("250m", "500m"), ("0.5", "0.5"), ("2", "2"), ("1500m", "1500m")]
+)
+def test_the_head_may_burst_to_500m_and_keeps_a_larger_request_as_its_limit(
     request_cpu: str, limit: str
 ) -> None:
     resources = _pod_resources(render_rayservice(md(), RenderOptions(head_cpu=request_cpu)))

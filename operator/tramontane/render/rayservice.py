@@ -225,8 +225,8 @@ def quantity_cores(quantity: str) -> Decimal:
     return Decimal(match["number"]) / (1000 if suffix == "m" else 1)
 
 
-# The CPU a control container (Ray head, autoscaler) may burst to, if its request is lower.
-CONTROL_CPU_CEILING = "1"
+# The CPU the Ray head may burst to when its request is lower (see _head_resources).
+HEAD_CPU_CEILING = "500m"
 
 
 def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
@@ -238,18 +238,20 @@ def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
     return {"requests": amounts, "limits": limits}
 
 
-def _control_resources(cpu: str, memory: str) -> dict[str, Any]:
-    """The Ray head and the autoscaler: `cpu` is reserved, and they may burst to one CPU.
+def _head_resources(cpu: str, memory: str) -> dict[str, Any]:
+    """The Ray head: `cpu` is reserved, and it may burst to HEAD_CPU_CEILING (if higher).
 
-    Their CPU is needed at start-up, not in steady state: the head starts a dozen Ray processes
-    at once, and with its limit at its 250m request the raylet gave up waiting for the dashboard
-    agent (80 s) on a busy node, so the head crash-looped and the deployment never came up.
-    Memory stays capped at what was asked for (a memory burst cannot be taken back).
+    Its CPU is needed at start-up more than in steady state: the head starts a dozen Ray
+    processes at once, and with its limit at a 250m request the raylet gave up waiting for the
+    dashboard agent (80 s) on a busy node, so the head crash-looped. A ceiling of a whole CPU was
+    too much the other way: under load the head's Serve proxy took it, and on a 2-core node the
+    API server and the kubelet starved (probes timed out, the node went NotReady). Memory stays
+    capped at what was asked for (a memory burst cannot be taken back).
     """
-    ceiling = cpu if quantity_cores(cpu) >= quantity_cores(CONTROL_CPU_CEILING) else None
+    higher = quantity_cores(cpu) >= quantity_cores(HEAD_CPU_CEILING)
     return {
         "requests": {"cpu": cpu, "memory": memory},
-        "limits": {"cpu": ceiling or CONTROL_CPU_CEILING, "memory": memory},
+        "limits": {"cpu": cpu if higher else HEAD_CPU_CEILING, "memory": memory},
     }
 
 
@@ -351,7 +353,7 @@ def _head_group(
     container = _container(
         "ray-head",
         options,
-        _control_resources(head.cpu or options.head_cpu, head.memory or options.head_memory),
+        _head_resources(head.cpu or options.head_cpu, head.memory or options.head_memory),
         [
             _port("gcs", 6379),
             _port("dashboard", 8265),
@@ -487,9 +489,7 @@ def render_rayservice(
                     # spec would make a scaling change rebuild the cluster (KubeRay hashes this).
                     "idleTimeoutSeconds": IDLE_WORKER_TIMEOUT_S,
                     "securityContext": restricted_container_security(),
-                    "resources": _control_resources(
-                        options.autoscaler_cpu, options.autoscaler_memory
-                    ),
+                    "resources": _resources(options.autoscaler_cpu, options.autoscaler_memory, 0),
                 },
                 "headGroupSpec": _head_group(md, options, placement, args),
                 "workerGroupSpecs": [_worker_group(md, options, placement, args)],

@@ -74,11 +74,13 @@ demo-down: venv-serving ## Remove what `make demo` installed (release, tenant, d
 serve-down: venv-serving ## Stop the local Ray instance of `make demo` (the serving endpoint)
 	@$(IN_CLUSTER) $(SPY) e2e/localray.py down
 
-crds: venv ## Regenerate crds/ and policies/admission/ from the code, copy them into the chart (tests fail when stale)
+crds: venv ## Regenerate crds/, policies/admission/ and policies/guard/ from the code, copy them into the chart (tests fail when stale)
 	@$(PY) -m tramontane.cli crds --output crds
 	@$(PY) -m tramontane.cli admission-policies --output policies/admission
+	@$(PY) -m tramontane.cli guard-policies --output policies/guard
 	@cp crds/*.yaml charts/tramontane/crds/
 	@cp policies/admission/*.yaml charts/tramontane/files/admission/
+	@mkdir -p charts/tramontane/files/guard && cp policies/guard/*.yaml charts/tramontane/files/guard/
 
 bench-operator: cluster ## Benchmark: N=100 and N=1000 ModelDeployments to Reconciled, operator RSS
 	@$(IN_CLUSTER) $(PY) e2e/bench_operator.py --sizes $${BENCH_SIZES:-100,1000}

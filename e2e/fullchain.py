@@ -74,6 +74,9 @@ def chart_values() -> list[str]:
         "--set", on_node,
         "--set-json", f"operator.tolerations={toleration}",
         "--set", "serving.image=docker.io/tramontane/serving:dev",
+        # The local cluster's KubeRay runs as this user (its client certificate), not as a
+        # ServiceAccount: the guard policies let it write Ray objects.
+        "--set", f"kuberay.identities={{{localcluster.KUBERAY_USER}}}",
         "--set-json", f"serving.tolerations={toleration}",
         # Two cores for everything, at the busiest moment (an upgrade: two clusters of a head,
         # its autoscaler and one engine worker): 2 x 50m + 2 x (250m + 100m + 600m) = 2000m.
@@ -256,6 +259,11 @@ def _adopt_leftovers() -> None:
         ("validatingadmissionpolicy", "tramontane-residency-pod"),
         ("validatingadmissionpolicy", "tramontane-residency-raycluster"),
         ("validatingadmissionpolicy", "tramontane-residency-rayservice"),
+        *(
+            (kind, f"tramontane-guard-{name}")
+            for kind in ("validatingadmissionpolicy", "validatingadmissionpolicybinding")
+            for name in ("namespace-labels", "service-account-tokens", "raycluster", "rayservice")
+        ),
     ]:
         found = _kubectl("get", kind, name, "--ignore-not-found", "-o", "json").strip()
         labels = json.loads(found)["metadata"].get("labels", {}) if found else {}

@@ -136,6 +136,10 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
+# The user KubeRay's client certificate names (RBAC and the chart's guard policies know it by it).
+KUBERAY_USER = "kuberay-operator"
+
+
 @dataclass(frozen=True)
 class CertSpec:
     name: str
@@ -170,7 +174,7 @@ def _cert_specs() -> list[CertSpec]:
         # KWOK stands in for every kubelet, it writes node and pod status cluster-wide.
         CertSpec("kwok", "kwok-controller", "system:masters"),
         # KubeRay gets only its upstream ClusterRole (bound in _install_addons).
-        CertSpec("kuberay", "kuberay-operator"),
+        CertSpec("kuberay", KUBERAY_USER),
         # The real node. The Node authorizer and NodeRestriction confine the kubelet to its own
         # node and pods; the bootstrap policy grants system:kube-proxy what kube-proxy needs.
         CertSpec("node", f"system:node:{realnode.NODE_NAME}", "system:nodes"),
@@ -687,7 +691,7 @@ def _install_addons() -> None:
             "name": "kuberay-operator",
         },
         "subjects": [
-            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "kuberay-operator"}
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": KUBERAY_USER}
         ],
     }
     kubectl("apply", "--server-side", "-f", "-", input_text=json.dumps(binding))

@@ -24,6 +24,7 @@ import kopf
 import pytest
 import yaml
 
+import localcluster
 from fullchain import helm
 from tests.integration.conftest import OperatorProcess, _free_port
 from tests.integration.test_operator import get, sample, wait_ready
@@ -80,7 +81,8 @@ def test_default_install_objects() -> None:
     assert kinds == sorted([
         "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "Job",
         "NetworkPolicy", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount",
-        "ValidatingAdmissionPolicy", "ValidatingWebhookConfiguration",
+        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+        "ValidatingWebhookConfiguration",
     ])  # fmt: skip
     # Monitoring objects are opt-in (they need the prometheus-operator CRDs).
     assert not {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"} & set(kinds)
@@ -229,6 +231,7 @@ def release(
         "install", name, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s",
         "--set", f"webhook.url=https://127.0.0.1:{rel.webhook_port}",
         "--set", "webhook.certIPAddresses={127.0.0.1}",
+        "--set", f"kuberay.identities={{{localcluster.KUBERAY_USER}}}",
         kubeconfig=cluster.kubeconfig,
     )  # fmt: skip
     assert "STATUS: deployed" in install.stdout
@@ -263,6 +266,13 @@ def test_install_creates_the_operator_and_registers_the_webhook(release: Release
     )
     for policy in filter(None, policies):
         cluster.run("get", "validatingadmissionpolicy", policy["metadata"]["name"])
+    # The tenant guard, filled in with this release's operator, KubeRay and serving image.
+    guard = cluster.json("get", "validatingadmissionpolicy", "tramontane-guard-raycluster")
+    rules = json.dumps(guard["spec"])
+    assert f"system:serviceaccount:{release.namespace}:{release.fullname}" in rules
+    assert f"'{localcluster.KUBERAY_USER}'.split(',')" in rules
+    assert "__TRAMONTANE_" not in rules
+    cluster.run("get", "validatingadmissionpolicybinding", "tramontane-guard-namespace-labels")
     cluster.run("get", "clusterkopfpeering", release.fullname)
 
 

@@ -14,7 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tramontane"
-HINT = "run `make crds` (it copies crds/ and policies/admission/ into the chart) and commit"
+HINT = "run `make crds` (it copies crds/ and policies/ into the chart) and commit"
 
 
 @pytest.mark.parametrize(
@@ -22,6 +22,7 @@ HINT = "run `make crds` (it copies crds/ and policies/admission/ into the chart)
     [
         (ROOT / "crds", CHART / "crds"),
         (ROOT / "policies" / "admission", CHART / "files" / "admission"),
+        (ROOT / "policies" / "guard", CHART / "files" / "guard"),
     ],
 )
 def test_chart_carries_the_generated_manifests_unchanged(source: Path, copy: Path) -> None:

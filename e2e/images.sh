@@ -137,8 +137,11 @@ var() { local v="${1^^}_$2"; printf '%s' "${!v}"; }
 digest() { sha256sum | cut -c1-16; }
 
 sources_digest() {
-  (cd "$repo/operator" && find tramontane -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' -print0 \
-    | LC_ALL=C sort -z | xargs -0 sha256sum) | digest
+  {
+    (cd "$repo/operator" && find tramontane -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' \
+      -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+    sha256sum < "$repo/images/serving/sitecustomize.py"
+  } | digest
 }
 
 pause_binary() { printf '%s' "$cache/pause-$KUBERNETES_VERSION/pause"; }
@@ -311,7 +314,7 @@ build_runtime() {
   prune "$images/runtime" "$name-$key"
 }
 
-# app_layer IMAGE WORK: tramontane's sources (without a checkout's __pycache__) with their bytecode,
+# app_layer IMAGE WORK NAME: tramontane's sources (without a checkout's __pycache__) with their bytecode,
 # owned by root so the image's users can read but not change them, compiled as the Dockerfiles do
 # (unchecked-hash: the .pyc files are valid whatever the mtimes), by the host's Python 3.11 (same
 # bytecode format as the image's 3.11); -s/-p make them name the image's paths in tracebacks.
@@ -320,6 +323,10 @@ app_layer() {
   mkdir -p "$stage$TRAMONTANE_DIR"
   tar -C "$repo/operator" --exclude=__pycache__ --exclude='*.py[co]' -cf - tramontane \
     | tar -C "$stage$TRAMONTANE_DIR" -xf -
+  if [[ "$3" == serving ]]; then
+    # Every Python process of the serving image asks for Intel AMX first thing (see the file).
+    cp "$repo/images/serving/sitecustomize.py" "$stage$TRAMONTANE_DIR/"
+  fi
   "$python" -m compileall -q -f -j 0 --invalidation-mode unchecked-hash \
     -s "$stage" -p / "$stage$TRAMONTANE_DIR"
   add_layer "$image" "$stage" "operator/tramontane into $TRAMONTANE_DIR (compileall)" \
@@ -374,7 +381,7 @@ build_image() {
       rootfs_bytes="$(cat "$runtime/rootfs-bytes")"
       umoci tag --image "$work/oci:runtime" "$IMAGE_TAG"
       umoci rm --image "$work/oci:runtime"
-      app_layer "$image" "$work"
+      app_layer "$image" "$work" "$name"
       rootfs_bytes=$((rootfs_bytes + $(du -sb "$work/app" | cut -f1)))
       ;;
   esac

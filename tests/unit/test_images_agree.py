@@ -167,6 +167,16 @@ def test_tramontane_is_copied_to_the_same_place(decl: dict[str, str], dockerfile
     ), copies
 
 
+def test_both_serving_recipes_put_the_amx_request_first_on_the_path(decl: dict[str, str]) -> None:
+    """sitecustomize.py must sit in a PYTHONPATH directory of the image, where both put it."""
+    copies = [args for stage in parse(SERVING) for args in stage.all("COPY")]
+    target = f"{decl['TRAMONTANE_DIR']}/sitecustomize.py"
+    assert any(args.split()[-2:] == ["images/serving/sitecustomize.py", target] for args in copies)
+    script = SCRIPT.read_text()
+    assert '"$repo/images/serving/sitecustomize.py" "$stage$TRAMONTANE_DIR/"' in script
+    assert f"PYTHONPATH={decl['TRAMONTANE_DIR']}" in decl["SERVING_ENV"]
+
+
 def test_operator_lock_and_venv_agree(decl: dict[str, str]) -> None:
     build = parse(OPERATOR)[0]
     assert f"COPY {decl['OPERATOR_LOCK']} /tmp/operator.lock" in [

@@ -18,10 +18,10 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -33,9 +33,11 @@ import localcluster
 import realnode
 from fullchain import ADAPTER, CHART, ROOT, SERVED_NAME, chart_values, helm
 from tests.integration.conftest import OperatorProcess
-from tests.kube import Kubectl, eventually, tenant_manifest
+from tests.kube import Kubectl, KubectlError, eventually, tenant_manifest
 from tramontane.api.serving import engine_deployment_name
 from tramontane.serving import testmodel
+
+T = TypeVar("T")
 
 pytestmark = [
     pytest.mark.skipif(
@@ -574,53 +576,67 @@ def _set_max_replicas(chain: Chain, maximum: int) -> None:
     eventually(applied, 60, f"the RayService to allow {maximum} workers")
 
 
-@pytest.mark.xfail(
-    run=False,
-    reason="Known failure (issue 10, open): the scale-up works (Serve asks for a replica, the Ray "
-    "autoscaler adds the worker pod in 4-14 s, it is Ready in ~56 s, the replica RUNNING in "
-    "~120 s), but on this 2-core node the new replica's vLLM worker process dies seconds after "
-    "its KV cache is allocated (exit code None, no OOM kill, no trap in dmesg) and its requests "
-    "fail with EngineDeadError until Serve restarts it; 0 failed requests cannot hold yet.",
-)
+def _tolerant(probe: Callable[[], T]) -> Callable[[], T | None]:
+    """`probe`, or None while the API server or the dashboard does not answer: on the 2-core node
+    a scale-out starves the control plane for seconds (TLS handshake timeouts), which is not
+    what this test is about; the waits around it are long enough to ride it out."""
+
+    def tolerant() -> T | None:
+        try:
+            return probe()
+        except (KubectlError, httpx.HTTPError, KeyError, ValueError):
+            return None
+
+    return tolerant
+
+
 def test_under_load_serve_adds_a_replica_on_a_new_worker_pod_and_removes_both_after(
     chain: Chain,
 ) -> None:
     serving_cluster = _md(chain)["status"]["rayClusterName"]
     _set_max_replicas(chain, 2)
+    workers = _tolerant(lambda: _serving_pods(chain, "worker"))
+    replicas = _tolerant(lambda: _running_replicas(chain))
+
+    def both_ready() -> bool:
+        pods = workers()
+        return pods is not None and len(pods) == 2 and all(_ready(p) for p in pods)
+
     try:
         (first,) = _serving_pods(chain, "worker")
-        with Load(chain, streams=4, max_tokens=48) as load:
+        # Two streams: with targetOngoingRequests 1 Serve wants a second replica, and the node
+        # keeps some CPU for its control plane.
+        with Load(chain, streams=2, max_tokens=48) as load:
             started = time.monotonic()
-            eventually(lambda: len(_serving_pods(chain, "worker")) == 2, 300,
-                       "the Ray autoscaler to create a second worker pod", interval=1)  # fmt: skip
+            eventually(lambda: len(workers() or []) == 2, 300,
+                       "the Ray autoscaler to create a second worker pod", interval=2)  # fmt: skip
             _timed(chain, "autoscale up: load → worker pod created", started)
-            eventually(lambda: all(_ready(p) for p in _serving_pods(chain, "worker")), 300,
-                       "the new worker pod Ready", interval=1)  # fmt: skip
+            eventually(both_ready, 300, "the new worker pod Ready", interval=3)
             _timed(chain, "autoscale up: load → worker pod Ready", started)
-            eventually(lambda: _running_replicas(chain) == 2, 600,
-                       "the second engine replica RUNNING", interval=2)  # fmt: skip
+            eventually(lambda: replicas() == 2, 600, "the second engine replica RUNNING",
+                       interval=5)  # fmt: skip
             _timed(chain, "autoscale up: load → second replica RUNNING", started)
-            (new,) = [p for p in _serving_pods(chain, "worker")
-                      if p["metadata"]["name"] != first["metadata"]["name"]]  # fmt: skip
+            pods = eventually(workers, 120, "the worker pods", interval=3)
+            (new,) = [p for p in pods if p["metadata"]["name"] != first["metadata"]["name"]]
             try:
                 eventually(lambda: _requests_served_by(new) > 0, 180,
-                           "the new replica to serve requests", interval=2)  # fmt: skip
+                           "the new replica to serve requests", interval=3)  # fmt: skip
             except AssertionError as timeout:
                 raise AssertionError(
-                    f"{timeout}; replicas: {_llm_replicas(chain)}; load: {load.ok} ok, "
-                    f"failures: {load.failures[:3]}; metrics of {new['metadata']['name']}: "
-                    f"{_serve_metric_lines(new)}"
+                    f"{timeout}; replicas: {_tolerant(lambda: _llm_replicas(chain))()}; load: "
+                    f"{load.ok} ok, failures: {load.failures[:3]}; metrics of "
+                    f"{new['metadata']['name']}: {_serve_metric_lines(new)}"
                 ) from None
             _timed(chain, "autoscale up: load → new replica served", started)
         load.report(chain, "autoscale up")
         assert load.ok > 0
         assert not load.failures, load.failures[:5]
         started = time.monotonic()
-        eventually(lambda: _running_replicas(chain) == 1, 300, "Serve to remove the replica",
-                   interval=2)  # fmt: skip
+        eventually(lambda: replicas() == 1, 300, "Serve to remove the replica",
+                   interval=5)  # fmt: skip
         _timed(chain, "autoscale down: load stopped → replica removed", started)
-        eventually(lambda: len(_serving_pods(chain, "worker")) == 1, 300,
-                   "the autoscaler to remove the idle worker pod", interval=2)  # fmt: skip
+        eventually(lambda: workers() is not None and len(workers() or []) == 1, 300,
+                   "the autoscaler to remove the idle worker pod", interval=5)  # fmt: skip
         _timed(chain, "autoscale down: load stopped → worker pod removed", started)
         # Scaling is applied in place: the same cluster served throughout.
         assert _md(chain)["status"]["rayClusterName"] == serving_cluster

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Literal
 
 Kind = Literal["bool", "int", "number", "choice"]
@@ -52,12 +52,8 @@ class EngineArg:
         if self.kind == "choice":
             return value in self.choices
         pattern = _WHOLE if self.kind == "int" else _NUMBER
-        if not pattern.match(value):
-            return False
-        try:
-            return self.minimum <= Decimal(value) <= self.maximum
-        except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
-            return False
+        # The pattern admits plain decimals only, so Decimal() cannot fail here.
+        return bool(pattern.match(value)) and self.minimum <= Decimal(value) <= self.maximum
 
     def parse(self, value: str) -> Any:
         """The typed value vLLM takes (the value is known to be accepted)."""

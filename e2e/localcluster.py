@@ -765,6 +765,10 @@ def apply_nodes(path: Path = NODES_FILE, timeout: float = 60) -> list[str]:
         "apply",
         "--server-side",
         "--field-manager=tramontane-localcluster",
+        # A restart on the kept etcd finds the nodes tainted unreachable by the node lifecycle
+        # controller while the cluster was down: the fleet file's taints win (kwok makes the
+        # nodes Ready again and the controller lifts its own taints).
+        "--force-conflicts",
         "-f",
         "-",
         input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes}),

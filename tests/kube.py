@@ -30,10 +30,14 @@ class Kubectl:
         flags = (f"--as={user}", *(f"--as-group={g}" for g in groups))
         return Kubectl(self.kubeconfig, (*self.extra, *flags))
 
-    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+    def run(
+        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120
+    ) -> str:
+        """kubectl's output; `timeout` bounds the process (keep it above a `--timeout` passed to
+        kubectl, or a slow wait ends in subprocess.TimeoutExpired instead of kubectl's answer)."""
         argv = ["kubectl", f"--kubeconfig={self.kubeconfig}", *self.extra, *args]
         result = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=120, check=False
+            argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
         )
         if check and result.returncode != 0:
             raise KubectlError(list(args), result.returncode, result.stderr)
@@ -59,11 +63,15 @@ class Kubectl:
     def json(self, *args: str) -> Any:
         return json.loads(self.run(*args, "-o", "json"))
 
-    def apply(self, *manifests: dict[str, Any]) -> str:
+    def apply(self, *manifests: dict[str, Any], take_over: bool = False) -> str:
+        """Server-side apply as the field manager "tests"; `take_over` takes the fields another
+        manager (the chart's helm) holds instead of failing on the conflict."""
         body = {"apiVersion": "v1", "kind": "List", "items": list(manifests)}
+        force = ("--force-conflicts",) if take_over else ()
         return self.run(
-            "apply", "--server-side", "--field-manager=tests", "-f", "-", stdin=json.dumps(body)
-        )
+            "apply", "--server-side", "--field-manager=tests", *force, "-f", "-",
+            stdin=json.dumps(body),
+        )  # fmt: skip
 
     def create(
         self, manifest: dict[str, Any], check: bool = True

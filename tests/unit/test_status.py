@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tramontane.api.conditions import ConditionStatus
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.render.rayservice import RenderOptions
 from tramontane.render.status import (
@@ -214,3 +215,25 @@ def test_an_upgrade_that_fails_says_so_while_the_old_cluster_serves() -> None:
     got = conditions(Observed(both, raycluster(1)))
     assert got["Upgrading"] == ("True", "NewClusterFailing")
     assert got["Available"] == ("True", "ReplicasReady")
+
+
+def test_a_withdrawn_deployment_is_not_reported_as_applied() -> None:
+    observed = Observed(
+        None, None,
+        residency=(ConditionStatus.FALSE, "ResidencyPolicyNotFound", "ResidencyPolicy eu is gone"),
+    )  # fmt: skip
+    got = conditions(observed)
+    assert got["Reconciled"] == ("False", "Withdrawn")
+    assert got["ResidencyCompliant"] == ("False", "ResidencyPolicyNotFound")
+    assert got["Ready"] == ("False", "ResidencyPolicyNotFound")
+
+
+def test_a_deployment_whose_tenancy_is_in_doubt_is_held_not_applied() -> None:
+    observed = Observed(
+        RAYSERVICE, raycluster(1),
+        residency=(ConditionStatus.UNKNOWN, "TenancyMismatch", "namespace team is labelled ..."),
+    )  # fmt: skip
+    got = conditions(observed)
+    assert got["Reconciled"] == ("False", "Held")
+    assert got["ResidencyCompliant"] == ("Unknown", "TenancyMismatch")
+    assert got["Ready"][0] == "False"

@@ -15,11 +15,69 @@ from tramontane.controller import telemetry
 from tramontane.controller.kube import MODELDEPLOYMENT, NAMESPACE, RESIDENCYPOLICY, TENANT, Kube
 from tramontane.policy.residency import gpus_at_max_scale
 from tramontane.render.rayservice import FIELD_MANAGER
-from tramontane.render.tenant import TENANT_LABEL, TenantOptions, render_tenant
+from tramontane.render.tenant import (
+    POLICY_LABEL,
+    TENANT_LABEL,
+    TenancyError,
+    TenantOptions,
+    owning_tenant,
+    render_tenant,
+)
 
 log = logging.getLogger(__name__)
 KIND = "Tenant"
 condition_counts = telemetry.TenantMetrics(KIND)
+
+
+def claimants(kube: Kube, namespace: str) -> list[Tenant]:
+    """The Tenants whose spec.namespace is `namespace` (one, or more if others are
+    NamespaceTaken)."""
+    return [
+        Tenant.from_body(item)
+        for item in kube.list_all(TENANT)
+        if (item.get("spec") or {}).get("namespace") == namespace
+    ]
+
+
+def users_of(kube: Kube, policy: str) -> list[str]:
+    """The Tenants living under ResidencyPolicy `policy` (one being deleted no longer does: its
+    namespace is going, and nothing new can be created in a terminating namespace)."""
+    return [
+        item["metadata"]["name"]
+        for item in kube.list_all(TENANT)
+        if (item.get("spec") or {}).get("residencyPolicy") == policy
+        and not item["metadata"].get("deletionTimestamp")
+    ]
+
+
+def owner_of(kube: Kube, namespace: str) -> Tenant:
+    """The Tenant that owns `namespace`; TenancyError when it has none or the labels disagree."""
+    body = kube.get(NAMESPACE, None, namespace)
+    if body is None:
+        raise TenancyError("NoTenant", f"namespace {namespace} does not exist")
+    labels = body.get("metadata", {}).get("labels") or {}
+    return owning_tenant(namespace, labels, claimants(kube, namespace))
+
+
+def labels_drifted(namespace: dict[str, Any], tenant: Tenant) -> bool:
+    """Whether the namespace a Tenant owns lost the labels the operator set on it."""
+    labels = namespace.get("metadata", {}).get("labels") or {}
+    return (
+        labels.get(TENANT_LABEL) != tenant.name
+        or labels.get(POLICY_LABEL) != tenant.spec.residency_policy
+    )
+
+
+def _ours(namespace: dict[str, Any], tenant: Tenant) -> bool:
+    """A namespace this Tenant made: the Tenant is its controller owner (set when the operator
+    created it; labels can be edited, and a label alone would let anyone who can label a
+    namespace hand it to a tenant). Never adopt one we did not create: deleting the Tenant
+    would delete it."""
+    uid = tenant.metadata.get("uid")
+    return any(
+        ref.get("controller") and ref.get("kind") == "Tenant" and ref.get("uid") == uid
+        for ref in namespace.get("metadata", {}).get("ownerReferences") or []
+    )
 
 
 def _quota_computed(quota: dict[str, Any]) -> bool:
@@ -42,8 +100,7 @@ def _verdict(
     policy = ResidencyPolicy.from_body(policy_body)
     existing = kube.get(NAMESPACE, None, tenant.spec.namespace)
     owner = ((existing or {}).get("metadata", {}).get("labels") or {}).get(TENANT_LABEL)
-    if existing is not None and owner != tenant.name:
-        # Never adopt a namespace we did not create: deleting the Tenant would delete it.
+    if existing is not None and not _ours(existing, tenant):
         whose = f"tenant {owner}" if owner else "no tenant"
         message = f"namespace {tenant.spec.namespace} already exists and belongs to {whose}"
         return (False, "NamespaceTaken", message)
@@ -101,7 +158,12 @@ def reconcile_tenant(kube: Kube, body: dict[str, Any], options: TenantOptions) -
             model_deployments=len(deployments),
         )
         if previous is None or previous.to_wire() != status.to_wire():
-            kube.patch_status(TENANT, None, tenant.name, status.to_wire())
+            try:
+                kube.patch_status(TENANT, None, tenant.name, status.to_wire())
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+                return  # deleted meanwhile (its namespace goes with it): nothing to report on
         condition_counts.update(tenant.name, {"Ready": ready.status.value})
         condition_counts.quota(
             tenant.name,

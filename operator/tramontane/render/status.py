@@ -266,8 +266,21 @@ def compute_status(
 ) -> ModelDeploymentStatus:
     conditions = list(previous.conditions) if previous else []
 
+    verdict = observed.residency
     if observed.apply_error:
         reconciled = _condition(md, now, RECONCILED, (False, "ApplyFailed", observed.apply_error))
+    elif verdict is not None and verdict[0] is ConditionStatus.FALSE:
+        # Nothing was applied: the operator removed what ran, so the spec is not served.
+        reconciled = _condition(
+            md, now, RECONCILED,
+            (False, "Withdrawn", f"RayService {md.name} withdrawn, nothing runs: "
+             f"ResidencyCompliant is False ({verdict[1]})"),
+        )  # fmt: skip
+    elif verdict is not None and verdict[0] is ConditionStatus.UNKNOWN:
+        reconciled = _condition(
+            md, now, RECONCILED,
+            (False, "Held", f"nothing applied while the tenancy is in doubt: {verdict[2]}"),
+        )  # fmt: skip
     else:
         reconciled = _condition(
             md, now, RECONCILED,

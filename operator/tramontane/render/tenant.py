@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,48 @@ class TenantOptions:
     default_requests: dict[str, str] = field(
         default_factory=lambda: {"cpu": "500m", "memory": "1Gi"}
     )
+
+
+class TenancyError(ValueError):
+    """A namespace whose tenancy cannot be trusted; `reason` is the condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def owning_tenant(namespace: str, labels: Mapping[str, str], claimants: Iterable[Tenant]) -> Tenant:
+    """The Tenant that owns `namespace`, from the Tenant objects and never from labels alone.
+
+    `claimants`: the Tenants whose spec.namespace is `namespace`. The owner is the one the
+    operator's namespace label names, and the namespace's residency-policy label must be that
+    Tenant's policy. Anything else fails closed (TenancyError): a namespace no Tenant claims, a
+    label naming another tenant or none, a policy label that is not the Tenant's. Only the
+    operator may write those labels (the tenant guard policies), and it restores them when they
+    drift, so a disagreement is an attack or a mistake being repaired: nothing is placed or
+    admitted on its word meanwhile.
+    """
+    candidates = {tenant.name: tenant for tenant in claimants}
+    if not candidates:
+        raise TenancyError("NoTenant", f"namespace {namespace} belongs to no Tenant")
+    labelled = labels.get(TENANT_LABEL)
+    owner = candidates.get(labelled or "")
+    if owner is None:
+        raise TenancyError(
+            "TenancyMismatch",
+            f"namespace {namespace} is claimed by Tenant {', '.join(sorted(candidates))} but "
+            f"labelled {TENANT_LABEL}={labelled or '(none)'}: refused until the operator "
+            "restores the label",
+        )
+    policy = labels.get(POLICY_LABEL)
+    if policy != owner.spec.residency_policy:
+        raise TenancyError(
+            "TenancyMismatch",
+            f"namespace {namespace} is labelled {POLICY_LABEL}={policy or '(none)'} but its "
+            f"Tenant {owner.name} has residencyPolicy {owner.spec.residency_policy}: refused "
+            "until the operator restores the label",
+        )
+    return owner
 
 
 def tenant_labels(tenant: Tenant) -> dict[str, str]:

@@ -300,6 +300,43 @@ def test_drifted_and_deleted_rayservice_is_restored(
     print(f"edit restored in {restored_edit:.1f}s, deletion in {restored_delete:.1f}s")
 
 
+def test_a_raycluster_edited_around_the_operator_is_put_back_in_place(
+    cluster: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    """Someone with write access to RayClusters (a leaked KubeRay token, a guard switched off)
+    swaps the worker image and smuggles in a worker group: KubeRay would never undo it."""
+    cluster.apply(sample(namespace))
+    wait_ready(cluster, namespace, "llama-3-8b")
+    (before,) = cluster.json("get", "raycluster", "-n", namespace, "-l",
+                             "tramontane.dev/model-deployment=llama-3-8b")["items"]  # fmt: skip
+    name = before["metadata"]["name"]
+    image = before["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"]
+    smuggled = {**before["spec"]["workerGroupSpecs"][0], "groupName": "smuggled"}
+    cluster.run("patch", "raycluster", name, "-n", namespace, "--type=json", "-p", json.dumps([
+        {"op": "replace", "value": "docker.io/attacker/miner:latest",
+         "path": "/spec/workerGroupSpecs/0/template/spec/containers/0/image"},
+        {"op": "add", "path": "/spec/workerGroupSpecs/-", "value": smuggled},
+    ]))  # fmt: skip
+    started = time.monotonic()
+
+    def restored() -> dict[str, Any] | None:
+        now = get(cluster, "raycluster", namespace, name) or {}
+        groups = now.get("spec", {}).get("workerGroupSpecs", [])
+        images = [g["template"]["spec"]["containers"][0]["image"] for g in groups]
+        return now if images == [image] else None
+
+    after = eventually(restored, 30, "the RayCluster's image and worker groups put back")
+    print(f"RayCluster drift reverted in {time.monotonic() - started:.1f}s")
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]  # in place, no new cluster
+    events = cluster.json("get", "events.events.k8s.io", "-n", namespace, "--field-selector",
+                          "regarding.name=llama-3-8b")["items"]  # fmt: skip
+    reverts = [e for e in events if e["reason"] == "DriftReverted"]
+    assert reverts and all(e["type"] == "Warning" and name in e["note"] for e in reverts)
+    notes = " ".join(e["note"] for e in reverts)
+    assert "containers[0].image" in notes and "workerGroupSpecs[smuggled] added" in notes
+    wait_ready(cluster, namespace, "llama-3-8b")
+
+
 def test_deleting_the_modeldeployment_removes_every_child(
     cluster: Kubectl, operator: OperatorProcess, namespace: str
 ) -> None:

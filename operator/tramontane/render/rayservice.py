@@ -187,14 +187,23 @@ _BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2*
 _DECIMAL_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 
 
+def quantity_value(quantity: str) -> Decimal | None:
+    """A plain quantity as a number ("250m" → 0.25, "6Gi" → 6442450944), None if it is not one."""
+    match = _QUANTITY.match(quantity)
+    if match is None:
+        return None
+    suffix = match["suffix"] or ""
+    if suffix == "m":
+        return Decimal(match["number"]) / 1000
+    return Decimal(match["number"]) * (_BINARY_SUFFIXES.get(suffix) or _DECIMAL_SUFFIXES[suffix])
+
+
 def quantity_bytes(quantity: str) -> int:
     """A memory quantity in bytes: "6Gi" → 6442450944, "512M" → 512000000."""
-    match = _QUANTITY.match(quantity)
-    suffix: str = (match["suffix"] or "") if match else "m"
-    if match is None or suffix == "m":
+    value = quantity_value(quantity)
+    if value is None or quantity.endswith("m"):
         raise ValueError(f"not a memory quantity: {quantity!r}")
-    scale = _BINARY_SUFFIXES.get(suffix) or _DECIMAL_SUFFIXES[suffix]
-    return int(Decimal(match["number"]) * scale)
+    return int(value)
 
 
 # Share of a CPU worker's memory given to vLLM's KV cache; the rest holds the weights, activations
@@ -218,11 +227,10 @@ def cpu_engine_env(worker_memory: str) -> list[dict[str, Any]]:
 
 def quantity_cores(quantity: str) -> Decimal:
     """A CPU quantity in cores: "250m" → 0.25, "2" → 2."""
-    match = _QUANTITY.match(quantity)
-    suffix: str = (match["suffix"] or "") if match else "?"
-    if match is None or suffix not in ("", "m"):
+    value = quantity_value(quantity)
+    if value is None or (quantity[-1].isalpha() and not quantity.endswith("m")):
         raise ValueError(f"not a CPU quantity: {quantity!r}")
-    return Decimal(match["number"]) / (1000 if suffix == "m" else 1)
+    return value
 
 
 # The CPU the Ray head may burst to when its request is lower (see _head_resources).

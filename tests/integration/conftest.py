@@ -45,6 +45,9 @@ def crds(cluster: Kubectl, repo_root: Path) -> Kubectl:
     return cluster
 
 
+SERVING_OTLP_ENDPOINT = "http://otel-collector.observability.svc:4318"
+
+
 class OperatorProcess:
     """The real operator (`python -m tramontane.controller`) as a child process."""
 
@@ -70,6 +73,9 @@ class OperatorProcess:
             "PYTHONPATH": str(HERE.parent.parent / "operator"),
             "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "200",
+            # Rendered into a tenant's serving pods only where its policy's telemetryEndpoints
+            # list it (test_tenancy): nothing listens there, nothing here exports to it.
+            "TRAMONTANE_SERVING_OTLP_ENDPOINT": SERVING_OTLP_ENDPOINT,
         }
 
     def start(self) -> None:

@@ -260,7 +260,8 @@ def test_install_creates_the_operator_and_registers_the_webhook(release: Release
     assert len(pods) == 2 and all(p["status"]["phase"] == "Running" for p in pods)
     webhook = cluster.json("get", "validatingwebhookconfiguration", release.fullname)
     assert {w["name"] for w in webhook["webhooks"]} == {
-        "modeldeployment.tramontane.dev", "tenant-delete.tramontane.dev"}  # fmt: skip
+        "modeldeployment.tramontane.dev", "tenant-delete.tramontane.dev",
+        "residencypolicy-delete.tramontane.dev"}  # fmt: skip
     policies = yaml.safe_load_all(
         (CHART / "files/admission/residency-admission-policies.yaml").read_text()
     )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.integration.conftest import OperatorProcess
+from tests.integration.conftest import SERVING_OTLP_ENDPOINT, OperatorProcess
 from tests.integration.test_operator import condition, get, sample, wait_ready
 from tests.kube import Kubectl, KubectlError, eventually, tenant_manifest
 
@@ -268,6 +269,9 @@ def test_deployment_made_non_compliant_by_a_policy_change_is_withdrawn(
     assert cond["reason"] == "ModelSourceNotAllowed"
     assert "s3://acme-us-models/llama" in cond["message"]
     assert condition(obj, "Ready")["status"] == "False"
+    # Nothing is applied, and status says so (not "Applied").
+    reconciled = condition(obj, "Reconciled")
+    assert (reconciled["status"], reconciled["reason"]) == ("False", "Withdrawn")
 
 
 def test_over_quota_deployment_is_rejected_naming_quota_and_use(
@@ -423,6 +427,13 @@ BAD_TENANCY = [
     ("rp: bad jurisdiction", "ResidencyPolicy", {"jurisdiction": "E U"}, "spec.jurisdiction"),
     ("rp: http telemetry", "ResidencyPolicy", {"telemetryEndpoints": ["http://otel:4318"]},
      "spec.telemetryEndpoints[0]"),
+    # Plain http only to a cluster Service: a public name is refused even if it ends in svc.
+    ("rp: http telemetry outside", "ResidencyPolicy",
+     {"telemetryEndpoints": ["http://otel.evil.com:4318"]}, "spec.telemetryEndpoints[0]"),
+    ("rp: http telemetry svc lookalike", "ResidencyPolicy",
+     {"telemetryEndpoints": ["http://otel.evilsvc:4318"]}, "spec.telemetryEndpoints[0]"),
+    ("rp: http telemetry svc subdomain", "ResidencyPolicy",
+     {"telemetryEndpoints": ["http://otel.x.svc.evil.com/v1"]}, "spec.telemetryEndpoints[0]"),
     ("tenant: no admins", "Tenant", {"admins": {}}, "spec.admins"),
     ("tenant: negative gpus", "Tenant", {"quota": {"gpus": -1}}, "spec.quota.gpus"),
     ("tenant: bad namespace", "Tenant", {"namespace": "Team_A"}, "spec.namespace"),
@@ -552,3 +563,141 @@ def test_admission_policy_rejects_workloads_that_could_leave_the_regions(
     raycluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["affinity"] = pinned
     cluster.create(raycluster)
     assert not cluster.json("get", "rayservice", "-n", eu)["items"]
+
+
+# ------------------------------------------------------------ hostile tenancy (issue 14)
+
+
+def _racing_creates(cluster: Kubectl, manifests: list[dict[str, Any]]) -> list[bool]:
+    """Create all at once, as a script or a GitOps sync would: which ones were admitted."""
+    with ThreadPoolExecutor(max_workers=len(manifests)) as pool:
+        results = list(pool.map(lambda m: cluster.create(m, check=False), manifests))
+    refusals = [r.stderr for r in results if r.returncode != 0]
+    assert all("quota" in why for why in refusals), refusals[:3]
+    return [r.returncode == 0 for r in results]
+
+
+def _single_replica_samples(tenant: str, count: int) -> list[dict[str, Any]]:
+    manifests = []
+    for i in range(count):
+        md = _eu_sample(tenant, f"race-{i}")
+        md["spec"]["scaling"] = {"minReplicas": 1, "maxReplicas": 1}  # 1 H100 each
+        manifests.append(md)
+    return manifests
+
+
+@pytest.mark.parametrize(
+    ("quota", "racing", "fits"),
+    [({"gpus": 4, "deployments": 30}, 20, 4), ({"gpus": 64, "deployments": 2}, 10, 2)],
+    ids=["gpu-quota-edge", "deployment-count-edge"],
+)
+def test_racing_creates_at_the_quota_edge_admit_exactly_what_fits(
+    cluster: Kubectl, make_tenant: Any, quota: dict[str, int], racing: int, fits: int
+) -> None:
+    tenant = make_tenant("eu", **quota)
+    admitted = _racing_creates(cluster, _single_replica_samples(tenant, racing))
+    assert sum(admitted) == fits
+    assert len(cluster.json("get", "md", "-n", tenant)["items"]) == fits
+
+
+def _policy_copy(name: str) -> dict[str, Any]:
+    policy: dict[str, Any] = yaml.safe_load((REPO / "policies/presets/eu.yaml").read_text())
+    policy["metadata"] = {"name": name}
+    return policy
+
+
+def test_a_residency_policy_in_use_cannot_be_deleted_and_its_bindings_outlive_it(
+    cluster: Kubectl, make_tenant: Any
+) -> None:
+    policy = f"eu-copy-{uuid.uuid4().hex[:6]}"
+    cluster.apply(_policy_copy(policy))
+    tenant = make_tenant(policy)
+    bindings_of = ("validatingadmissionpolicybindings", "-l",
+                   f"tramontane.dev/residency-policy={policy}")  # fmt: skip
+    bindings = eventually(
+        lambda: cluster.json("get", *bindings_of)["items"], 30, "the policy's bindings"
+    )
+    # A platform admin's mistake: deleting the policy a tenant lives under.
+    result = cluster.attempt("delete", "residencypolicy", policy, "--wait=false")
+    assert result.returncode != 0
+    assert f"ResidencyPolicy {policy} is the residencyPolicy of Tenant {tenant}" in result.stderr
+    assert cluster.json("get", "residencypolicy", policy)["metadata"]["name"] == policy
+    # Nothing for garbage collection to take with the policy: residency admission stays.
+    assert all(not b["metadata"].get("ownerReferences") for b in bindings)
+    assert all(b["spec"]["paramRef"]["parameterNotFoundAction"] == "Deny" for b in bindings)
+    # Unused, it goes, and its bindings with it.
+    cluster.run("patch", "tenant", tenant, "--type=merge", "-p",
+                json.dumps({"spec": {"residencyPolicy": "eu"}}))  # fmt: skip
+    cluster.run("delete", "residencypolicy", policy, "--timeout=60s")
+    eventually(lambda: not cluster.json("get", *bindings_of)["items"], 30,
+               "the unused policy's bindings removed")  # fmt: skip
+
+
+def test_tenant_labels_changed_by_a_platform_admin_are_restored_and_nothing_runs_unpinned(
+    cluster: Kubectl, make_tenant: Any
+) -> None:
+    # Without the tenant guard policies (test_tenant_guard refuses these changes outright):
+    # a cluster admin's mistake, or a guard switched off.
+    tenant = make_tenant("eu")
+    cluster.apply(_eu_sample(tenant, "pinned"))
+    wait_ready(cluster, tenant, "pinned")
+
+    def labels() -> dict[str, str]:
+        return dict(cluster.json("get", "namespace", tenant)["metadata"].get("labels") or {})
+
+    for change in (["tramontane.dev/tenant-"], ["tramontane.dev/residency-policy-"],
+                   ["--overwrite", "tramontane.dev/residency-policy=unrestricted"],
+                   ["--overwrite", "tramontane.dev/tenant=someone-else"]):  # fmt: skip
+        cluster.run("label", "namespace", tenant, *change)
+        eventually(lambda: labels().get("tramontane.dev/tenant") == tenant
+                   and labels().get("tramontane.dev/residency-policy") == "eu", 20,
+                   f"the operator to restore the labels after {change}")  # fmt: skip
+        # The deployment is still pinned to the policy's regions, never rendered without them.
+        rayservice = get(cluster, "rayservice", tenant, "pinned")
+        if rayservice is not None:
+            placements = json.dumps(rayservice["spec"]["rayClusterConfig"])
+            assert "eu-west-1" in placements and "us-east-1" not in placements
+        md = wait_ready(cluster, tenant, "pinned", timeout=30)
+        assert condition(md, "ResidencyCompliant")["reason"] == "WithinPolicy"
+    owner = get(cluster, "tenant", "", tenant) or {}
+    assert condition(owner, "Ready")["reason"] == "Provisioned"
+
+
+def test_a_namespace_labelled_as_another_tenants_is_not_theirs(
+    cluster: Kubectl, make_tenant: Any, namespace: str
+) -> None:
+    victim = make_tenant("eu")
+    cluster.run("label", "namespace", namespace, f"tramontane.dev/tenant={victim}",
+                "tramontane.dev/residency-policy=eu")  # fmt: skip
+    result = cluster.create(_eu_sample(namespace, "squatter"), check=False)
+    assert result.returncode != 0
+    assert f"namespace {namespace} belongs to no Tenant" in result.stderr
+    assert cluster.create_status(_eu_sample(namespace, "squatter")) == 403
+    assert (get(cluster, "tenant", "", victim) or {})["status"].get("modelDeployments", 0) == 0
+
+
+def _serving_env(cluster: Kubectl, namespace: str, name: str) -> dict[str, str]:
+    rayservice = get(cluster, "rayservice", namespace, name) or {}
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    return {e["name"]: e.get("value", "") for e in head["containers"][0].get("env", [])}
+
+
+def test_request_spans_go_only_where_the_policy_lists(cluster: Kubectl, make_tenant: Any) -> None:
+    listed = f"eu-traced-{uuid.uuid4().hex[:6]}"
+    policy = _policy_copy(listed)
+    policy["spec"]["telemetryEndpoints"] = [SERVING_OTLP_ENDPOINT]
+    cluster.apply(policy)
+    traced, silent = make_tenant(listed), make_tenant("eu")
+    try:
+        for tenant in (traced, silent):
+            cluster.apply(_eu_sample(tenant, "spans"))
+        wait_ready(cluster, traced, "spans")
+        assert _serving_env(cluster, traced, "spans")["OTEL_EXPORTER_OTLP_ENDPOINT"] == (
+            SERVING_OTLP_ENDPOINT
+        )
+        md = wait_ready(cluster, silent, "spans")
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in _serving_env(cluster, silent, "spans")
+        assert "request spans not exported" in condition(md, "ResidencyCompliant")["message"]
+    finally:
+        remove_tenant(cluster, traced)  # a Tenant being deleted no longer holds its policy
+        cluster.run("delete", "residencypolicy", listed, "--ignore-not-found")

@@ -16,9 +16,18 @@ from tramontane.policy.residency import (
     quota_violation,
     region_requirements,
     source_allowed,
+    telemetry_allowed,
 )
+from tramontane.render.admission import render_bindings
 from tramontane.render.rayservice import RenderOptions, render_rayservice
-from tramontane.render.tenant import TenantOptions, render_tenant
+from tramontane.render.tenant import (
+    POLICY_LABEL,
+    TENANT_LABEL,
+    TenancyError,
+    TenantOptions,
+    owning_tenant,
+    render_tenant,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,3 +135,71 @@ def test_committed_admission_policies_are_generated(tmp_path: Path) -> None:
     name = "residency-admission-policies.yaml"
     committed = (REPO / "policies/admission" / name).read_text()
     assert (tmp_path / name).read_text() == committed, "policies/admission is stale: make crds"
+
+
+def claimant(name: str, namespace: str = "acme", policy: str = "eu") -> Tenant:
+    return Tenant.from_body({
+        "metadata": {"name": name, "uid": f"uid-{name}"},
+        "spec": {"namespace": namespace, "residencyPolicy": policy,
+                 "quota": {"gpus": 8, "modelDeployments": 3},
+                 "admins": {"groups": [f"{name}-admins"]}},
+    })  # fmt: skip
+
+
+OWNED = {TENANT_LABEL: "acme", POLICY_LABEL: "eu"}
+
+
+@pytest.mark.parametrize(
+    ("labels", "claimants", "reason"),
+    [
+        (OWNED, [], "NoTenant"),  # labelled as a tenant's, but no Tenant claims it
+        ({}, [claimant("acme")], "TenancyMismatch"),  # label removed
+        ({TENANT_LABEL: "acme"}, [claimant("acme")], "TenancyMismatch"),  # policy label removed
+        ({**OWNED, POLICY_LABEL: "unrestricted"}, [claimant("acme")], "TenancyMismatch"),
+        ({**OWNED, TENANT_LABEL: "other"}, [claimant("acme")], "TenancyMismatch"),
+        (OWNED, [claimant("other")], "TenancyMismatch"),  # claimed by someone else
+    ],
+)
+def test_tenancy_in_doubt_fails_closed_naming_why(
+    labels: dict[str, str], claimants: list[Tenant], reason: str
+) -> None:
+    with pytest.raises(TenancyError) as refused:
+        owning_tenant("acme", labels, claimants)
+    assert refused.value.reason == reason
+    assert "namespace acme" in str(refused.value)
+
+
+def test_the_owner_is_the_claimant_the_operators_label_names() -> None:
+    # A second Tenant claiming the same namespace is NamespaceTaken: the label decides.
+    owner = owning_tenant("acme", OWNED, [claimant("late"), claimant("acme")])
+    assert owner.name == "acme"
+
+
+def test_residency_bindings_are_not_owned_by_their_policy_and_deny_without_it() -> None:
+    policy = preset("eu").model_copy(update={"metadata": {"name": "eu", "uid": "p1"}})
+    for binding in render_bindings(policy):
+        assert "ownerReferences" not in binding["metadata"]
+        assert binding["spec"]["paramRef"] == {"name": "eu", "parameterNotFoundAction": "Deny"}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "allowed"),
+    [
+        ("https://otel.eu-collector.example/v1", True),
+        ("https://otel.eu-collector.example/v1/traces", True),
+        ("https://otel.eu-collector.example/v10", False),  # not under the path: whole segments
+        ("https://otel.eu-collector.example.evil.com/v1", False),  # look-alike host
+        ("http://otel.eu-collector.example/v1", False),  # another scheme
+        ("http://otel-collector.observability:4318", True),
+        ("http://otel-collector.observability:4319", False),
+    ],
+)
+def test_request_spans_go_only_to_the_policys_telemetry_endpoints(
+    endpoint: str, allowed: bool
+) -> None:
+    spec = preset("eu").spec.model_copy(
+        update={"telemetry_endpoints": ["https://otel.eu-collector.example/v1",
+                                        "http://otel-collector.observability:4318"]}
+    )  # fmt: skip
+    assert telemetry_allowed(endpoint, spec) is allowed
+    assert telemetry_allowed(endpoint, preset("eu").spec) is False  # none listed: no spans

@@ -37,6 +37,14 @@ def _cidrs(alias: str, description: str) -> Any:
     )
 
 
+# https anywhere; plain http only to a cluster Service: name.namespace.svc[.cluster.local]
+# (a longer suffix could be any public domain, which the cluster's DNS would forward).
+TELEMETRY_ENDPOINT = (
+    r"^(https://[a-z0-9.\-]+|http://[a-z0-9\-]+[.][a-z0-9\-]+[.]svc([.]cluster[.]local)?)"
+    r"(:[0-9]{1,5})?(/.*)?$"
+)
+
+
 class ResidencyPolicySpec(ApiModel):
     """Where workloads may run, where weights may come from, what they may reach."""
 
@@ -78,10 +86,13 @@ class ResidencyPolicySpec(ApiModel):
     telemetry_endpoints: list[str] = Field(
         default_factory=list,
         max_length=16,
-        description="Allowed OTLP/HTTPS export endpoints (https://host[:port][/path]).",
+        description="Where the tenant's serving pods may export request spans (OTLP/HTTP): "
+        "https://host[:port][/path], or plain http:// to a Service in the cluster "
+        "(http://name.namespace.svc[.cluster.local][:port][/path]). The installation's "
+        "serving OTLP endpoint is rendered into the tenant's pods only if it is one of these "
+        "or under one's path. Empty: the tenant's pods export no spans.",
         json_schema_extra={
-            "items": {"type": "string", "pattern": r"^https://[a-z0-9.\-]+(:[0-9]{1,5})?(/.*)?$",
-                      "maxLength": 512}
+            "items": {"type": "string", "pattern": TELEMETRY_ENDPOINT, "maxLength": 512}
         },
     )  # fmt: skip
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +26,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from tramontane.api.base import REGION_LABEL
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
+from tramontane.controller import tenants
 from tramontane.controller.kube import (
     MODELDEPLOYMENT,
-    NAMESPACE,
     RESIDENCYPOLICY,
-    TENANT,
     Kind,
     Kube,
 )
-from tramontane.policy.residency import disallowed_sources, quota_violation
+from tramontane.policy.residency import disallowed_sources, gpus_at_max_scale, quota_violation
 from tramontane.render.rayservice import GPU_PRODUCT_LABEL, GPU_PRODUCTS
-from tramontane.render.tenant import TENANT_LABEL
+from tramontane.render.tenant import TenancyError
 
 log = logging.getLogger(__name__)
 NODES = Kind("", "v1", "nodes", namespaced=False)
@@ -103,14 +105,14 @@ class DeploymentIndex:
 
     Admission sums a tenant's GPUs on every create; listing the namespace each time would cost
     O(n) per request (O(n²) for a tenant with many deployments). The first request for a
-    namespace lists it, the watch keeps it current afterwards. Two creates racing within the
-    watch's latency can both pass; the namespace's ResourceQuota on requests.nvidia.com/gpu still
-    caps what actually runs.
+    namespace lists it, the watch keeps it current afterwards. What was admitted but is not in
+    the watch yet is in the namespace's admission ledger (see AdmissionLedger).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_namespace: dict[str, dict[str, dict[str, Any]]] = {}
+        self._namespace_locks: dict[str, threading.Lock] = {}
 
     def observe(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -122,6 +124,12 @@ class DeploymentIndex:
         with self._lock:
             self._by_namespace.get(namespace, {}).pop(name, None)
 
+    def serialised(self, namespace: str) -> threading.Lock:
+        """Held while a request for `namespace` is checked and recorded: this process's
+        requests do not race each other for the ledger."""
+        with self._lock:
+            return self._namespace_locks.setdefault(namespace, threading.Lock())
+
     def deployments(self, kube: Kube, namespace: str) -> list[dict[str, Any]]:
         with self._lock:
             known = self._by_namespace.get(namespace)
@@ -131,6 +139,73 @@ class DeploymentIndex:
         with self._lock:
             self._by_namespace[namespace] = {item["metadata"]["name"]: item for item in listed}
         return listed
+
+
+LEASES = Kind("coordination.k8s.io", "v1", "leases")
+
+
+class AdmissionLedger:
+    """What the webhook admitted in a tenant's namespace that the watch may not show yet: GPUs
+    at maximum scale by deployment name, each for TTL_S, in the annotation of a Lease in the
+    namespace. Every operator replica serves the webhook; the ledger is how they agree.
+
+    Admission reads it, checks the quota counting it, and writes it back with the
+    resourceVersion it read (compare-and-swap): of two replicas admitting at once, one write
+    fails with 409 and that request starts over with what the other admitted. Quota is thus
+    exact under any concurrency, across replicas. An entry outlives the create it stands for by
+    TTL_S at most (if a later admission step refused the object), which only errs towards
+    refusing. Tenant admins cannot write Leases; the operator's RBAC names this one.
+    """
+
+    NAME = "tramontane-admission"
+    ANNOTATION = "tramontane.dev/admitted"
+    TTL_S = 60.0
+    ATTEMPTS = 20
+
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self._lease: dict[str, Any] | None = None
+
+    def read(self) -> dict[str, int]:
+        """The unexpired entries, GPUs by name."""
+        self._lease = self.kube.get(LEASES, self.namespace, self.NAME)
+        raw = ((self._lease or {}).get("metadata", {}).get("annotations") or {}).get(
+            self.ANNOTATION, "{}"
+        )
+        try:
+            entries = json.loads(raw)
+        except ValueError:
+            entries = {}
+        now = time.time()
+        self._entries = {
+            name: entry for name, entry in entries.items()
+            if isinstance(entry, dict) and float(entry.get("until", 0)) > now
+        }  # fmt: skip
+        return {name: int(entry.get("gpus", 0)) for name, entry in self._entries.items()}
+
+    def record(self, name: str, gpus: int) -> bool:
+        """Add an entry; False if someone wrote the ledger since `read` (read again)."""
+        entries = {**self._entries, name: {"gpus": gpus, "until": time.time() + self.TTL_S}}
+        meta: dict[str, Any] = {
+            "name": self.NAME,
+            "namespace": self.namespace,
+            "labels": {"app.kubernetes.io/managed-by": "tramontane"},
+            "annotations": {self.ANNOTATION: json.dumps(entries, sort_keys=True)},
+        }
+        if self._lease is not None:
+            meta["resourceVersion"] = self._lease["metadata"]["resourceVersion"]
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta}
+        try:
+            if self._lease is None:
+                self.kube.create(LEASES, self.namespace, body)
+            else:
+                self.kube.replace(LEASES, self.namespace, self.NAME, body)
+        except ApiException as error:
+            if error.status == 409:  # written (or created) by another request meanwhile
+                return False
+            raise
+        return True
 
 
 index = DeploymentIndex()
@@ -158,15 +233,12 @@ class Invalid(kopf.AdmissionError):
 
 
 def _tenant_of(kube: Kube, namespace: str) -> Tenant:
-    labels = ((kube.get(NAMESPACE, None, namespace) or {}).get("metadata", {})).get("labels") or {}
-    name = labels.get(TENANT_LABEL)
-    body = kube.get(TENANT, None, name) if name else None
-    if body is None:
+    try:
+        return tenants.owner_of(kube, namespace)
+    except TenancyError as error:
         raise Denied(
-            f"namespace {namespace} belongs to no Tenant: ModelDeployments can only be created "
-            "in a tenant's namespace"
-        )
-    return Tenant.from_body(body)
+            f"{error}: ModelDeployments can only be created in a tenant's namespace"
+        ) from None
 
 
 def _regions_with(kube: Kube, accelerator: AcceleratorType) -> set[str]:
@@ -181,7 +253,9 @@ def _regions_with(kube: Kube, accelerator: AcceleratorType) -> set[str]:
     }
 
 
-def validate_modeldeployment(kube: Kube, body: dict[str, Any], namespace: str) -> None:
+def validate_modeldeployment(
+    kube: Kube, body: dict[str, Any], namespace: str, dry_run: bool = False
+) -> None:
     try:
         md = ModelDeployment.from_body(
             {**body, "metadata": {**body["metadata"], "namespace": namespace}}
@@ -210,14 +284,24 @@ def validate_modeldeployment(kube: Kube, body: dict[str, Any], namespace: str) -
             f"spec.accelerator.type: no {md.spec.accelerator.type.value} nodes in the regions "
             f"ResidencyPolicy {policy.name} allows ({', '.join(policy.spec.regions)})"
         )
-    others = [
-        ModelDeployment.from_body(item)
-        for item in index.deployments(kube, namespace)
-        if item["metadata"]["name"] != md.name
-    ]
-    violation = quota_violation(tenant, others, md)
-    if violation:
-        raise Denied(f"spec.scaling.maxReplicas: {violation}")
+    with index.serialised(namespace):
+        others = [
+            ModelDeployment.from_body(item)
+            for item in index.deployments(kube, namespace)
+            if item["metadata"]["name"] != md.name
+        ]
+        ledger = AdmissionLedger(kube, namespace)
+        for _ in range(AdmissionLedger.ATTEMPTS):
+            violation = quota_violation(tenant, others, md, admitted=ledger.read())
+            if violation:
+                raise Denied(f"spec.scaling.maxReplicas: {violation}")
+            if dry_run or ledger.record(md.name, gpus_at_max_scale(md)):
+                return
+        raise kopf.AdmissionError(
+            f"too many concurrent changes to the ModelDeployments of namespace {namespace}: "
+            "try again",
+            code=409,
+        )
 
 
 def validate_tenant_deletion(kube: Kube, body: dict[str, Any]) -> None:
@@ -229,4 +313,17 @@ def validate_tenant_deletion(kube: Kube, body: dict[str, Any]) -> None:
             f"tenant {body['metadata']['name']} still has {len(remaining)} ModelDeployment(s) "
             f"in namespace {namespace} ({names}): delete them first; deleting the Tenant deletes "
             "its namespace"
+        )
+
+
+def validate_policy_deletion(kube: Kube, body: dict[str, Any]) -> None:
+    """A ResidencyPolicy in use stays: deleting it would leave its tenants' namespaces without
+    the rules their deployments are placed and admitted by."""
+    name = body["metadata"]["name"]
+    users = sorted(tenants.users_of(kube, name))
+    if users:
+        raise Denied(
+            f"ResidencyPolicy {name} is the residencyPolicy of Tenant {', '.join(users[:10])}"
+            f"{' and others' if len(users) > 10 else ''}: move those tenants to another policy "
+            "first"
         )

@@ -58,6 +58,8 @@ class ChildCache:
         self._lock = threading.Lock()
         self._observed: dict[Key, dict[str, Any]] = {}
         self._applied: dict[Key, tuple[str, int, str]] = {}
+        # RayClusters whose full spec was compared with the render: uid and generation then.
+        self._drift_checked: dict[Key, tuple[str, int]] = {}
 
     def observe(self, body: dict[str, Any]) -> None:
         with self._lock:
@@ -67,6 +69,24 @@ class ChildCache:
         with self._lock:
             self._observed.pop((kind, namespace, name), None)
             self._applied.pop((kind, namespace, name), None)
+            self._drift_checked.pop((kind, namespace, name), None)
+
+    def drift_checked(self, namespace: str, name: str) -> bool:
+        """Whether the RayCluster's spec, as the watch last saw it (the cache keeps only its
+        metadata and bounds), was already compared with the render."""
+        key = ("RayCluster", namespace, name)
+        with self._lock:
+            meta = self._observed.get(key, {}).get("metadata", {})
+            seen = (str(meta.get("uid")), int(meta.get("generation", -1)))
+            return self._drift_checked.get(key) == seen
+
+    def record_drift_check(self, raycluster: dict[str, Any]) -> None:
+        meta = raycluster["metadata"]
+        with self._lock:
+            self._drift_checked[("RayCluster", meta["namespace"], meta["name"])] = (
+                str(meta.get("uid")),
+                int(meta.get("generation", -1)),
+            )
 
     def observed(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:

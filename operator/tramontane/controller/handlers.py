@@ -22,7 +22,7 @@ from tramontane.api.tenancy import ResidencyPolicy
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.controller import admission, children, reconcile, tenants
 from tramontane.controller import settings as environment
-from tramontane.controller.kube import MODELDEPLOYMENT, TENANT, Kube
+from tramontane.controller.kube import BINDING, MODELDEPLOYMENT, TENANT, Kube
 from tramontane.render.admission import render_bindings
 from tramontane.render.rayservice import (
     DEPLOYMENT_LABEL,
@@ -282,6 +282,20 @@ def tenant_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) -> 
     reconcile_tenant_by_name(name, with_deployments=previous is not None and previous != generation)
 
 
+@kopf.on.event("", "v1", "namespaces")
+def namespace_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) -> None:
+    """A tenant namespace whose tramontane.dev/* labels were changed or removed (only the
+    operator may, but a guard can be switched off) is relabelled by its Tenant's reconcile at
+    once, and its deployments are re-reconciled: until then they fail closed (withdrawn)."""
+    if event.get("type") == "DELETED":
+        return
+    for tenant in tenants.claimants(runtime.client(), name):
+        if tenants.labels_drifted(dict(body), tenant):
+            log.warning("namespace %s: tenant labels drifted; restoring (Tenant %s)", name,
+                        tenant.name)  # fmt: skip
+            reconcile_tenant_by_name(tenant.name, with_deployments=True)
+
+
 @kopf.on.event("", "v1", "resourcequotas", labels={TENANT_LABEL: kopf.PRESENT})
 def tenant_quota_event(body: kopf.Body, **_: Any) -> None:
     """A tenant is only Ready once its quota is computed (see tenants.py)."""
@@ -293,19 +307,27 @@ def residency_policy_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_
     """Bind the admission policies to the policy's namespaces; then a changed (or new, or
     deleted) policy re-reconciles every tenant that references it."""
     kube = runtime.client()
+    users = tenants.users_of(kube, name)
+    bindings = render_bindings(ResidencyPolicy.from_body(dict(body)))
     if event.get("type") != "DELETED":
-        for binding in render_bindings(ResidencyPolicy.from_body(dict(body))):
+        for binding in bindings:
             kube.apply(binding, FIELD_MANAGER)
-    for item in kube.list_all(TENANT):
-        if item.get("spec", {}).get("residencyPolicy") == name:
-            reconcile_tenant_by_name(item["metadata"]["name"], with_deployments=True)
+    elif not users:
+        # The bindings outlive their policy (no owner): with no param they refuse every Ray pod
+        # and object in the namespaces still labelled with it. Unused, they can go.
+        for binding in bindings:
+            kube.delete(BINDING, None, binding["metadata"]["name"])
+    for user in users:
+        reconcile_tenant_by_name(user, with_deployments=True)
 
 
 @kopf.on.validate(
     "tramontane.dev", "v1alpha1", "modeldeployments", operations=["CREATE", "UPDATE"],
     id="modeldeployment",
 )  # fmt: skip
-async def validate_modeldeployment(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def validate_modeldeployment(
+    body: kopf.Body, namespace: str | None, dryrun: bool, **_: Any
+) -> None:
     # Admission has its own threads: behind queued reconciles, API requests would time out.
     namespace = namespace or body.get("metadata", {}).get("namespace") or ""
     await asyncio.get_running_loop().run_in_executor(
@@ -314,6 +336,7 @@ async def validate_modeldeployment(body: kopf.Body, namespace: str | None, **_: 
         runtime.client(),
         dict(body),
         namespace,
+        dryrun,
     )
 
 
@@ -325,6 +348,19 @@ async def validate_tenant_deletion(body: kopf.Body, **kwargs: Any) -> None:
     await asyncio.get_running_loop().run_in_executor(
         _admission_pool,
         admission.validate_tenant_deletion,
+        runtime.client(),
+        dict(kwargs.get("old") or body),
+    )
+
+
+@kopf.on.validate(
+    "tramontane.dev", "v1alpha1", "residencypolicies", operations=["DELETE"],
+    id="residencypolicy-delete",
+)  # fmt: skip
+async def validate_policy_deletion(body: kopf.Body, **kwargs: Any) -> None:
+    await asyncio.get_running_loop().run_in_executor(
+        _admission_pool,
+        admission.validate_policy_deletion,
         runtime.client(),
         dict(kwargs.get("old") or body),
     )

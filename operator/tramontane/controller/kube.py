@@ -24,7 +24,9 @@ from kubernetes import client, config
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRIABLE = {409, 429, 500, 502, 503, 504}
+RETRIABLE = frozenset({409, 429, 500, 502, 503, 504})
+# A compare-and-swap's 409 is its answer, not a failure to retry with the same resourceVersion.
+RETRIABLE_BUT_CONFLICTS = RETRIABLE - {409}
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ PERSISTENTVOLUMECLAIM = Kind("", "v1", "persistentvolumeclaims")
 TENANT = Kind("tramontane.dev", "v1alpha1", "tenants", namespaced=False)
 RESIDENCYPOLICY = Kind("tramontane.dev", "v1alpha1", "residencypolicies", namespaced=False)
 NAMESPACE = Kind("", "v1", "namespaces", namespaced=False)
+BINDING = Kind(
+    "admissionregistration.k8s.io", "v1", "validatingadmissionpolicybindings", namespaced=False
+)
 CLUSTERKOPFPEERING = Kind("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
 
 KINDS = {
@@ -64,9 +69,7 @@ KINDS = {
         "rbac.authorization.k8s.io", "v1", "rolebindings"
     ),
     ("tramontane.dev/v1alpha1", "Tenant"): TENANT,
-    ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"): Kind(
-        "admissionregistration.k8s.io", "v1", "validatingadmissionpolicybindings", namespaced=False
-    ),
+    ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"): BINDING,
     ("ray.io/v1", "RayService"): RAYSERVICE,
     ("ray.io/v1", "RayCluster"): RAYCLUSTER,
     ("monitoring.coreos.com/v1", "PodMonitor"): PODMONITOR,
@@ -78,13 +81,15 @@ def is_not_found(error: BaseException) -> bool:
     return isinstance(error, ApiException) and error.status == 404
 
 
-def with_retries(call: Callable[[], T], attempts: int = 6) -> T:
+def with_retries(
+    call: Callable[[], T], attempts: int = 6, retriable: frozenset[int] = RETRIABLE
+) -> T:
     """Retry conflicts, throttling and server errors with jittered exponential backoff."""
     for attempt in range(attempts):
         try:
             return call()
         except ApiException as error:
-            if error.status not in RETRIABLE or attempt == attempts - 1:
+            if error.status not in retriable or attempt == attempts - 1:
                 raise
             delay = min(8.0, 0.2 * 2**attempt) * (0.5 + random.random())  # noqa: S311
             log.info("API %s, retrying in %.1fs", error.status, delay)
@@ -97,13 +102,18 @@ class Kube:
         self.api = api_client
 
     @classmethod
-    def from_environment(cls) -> Kube:
-        """In-cluster service account, else $KUBECONFIG / ~/.kube/config."""
+    def from_environment(cls, kubeconfig: str | None = None) -> Kube:
+        """In-cluster service account, else `kubeconfig` / $KUBECONFIG / ~/.kube/config."""
         configuration = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=configuration)
+        in_cluster = False
+        if kubeconfig is None:
+            try:
+                config.load_incluster_config(client_configuration=configuration)
+                in_cluster = True
+            except config.ConfigException:
+                pass  # not in a pod: a kubeconfig file
+        if not in_cluster:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         # kopf runs sync handlers in a thread pool: let each thread keep a connection.
         configuration.connection_pool_maxsize = 32
         return cls(client.ApiClient(configuration))
@@ -115,6 +125,8 @@ class Kube:
         body: Any = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
+        *,
+        retriable: frozenset[int] = RETRIABLE,
     ) -> dict[str, Any]:
         def once() -> dict[str, Any]:
             request = self.api.param_serialize(
@@ -131,7 +143,7 @@ class Kube:
                 raise ApiException(status=response.status, reason=response.reason, body=data)
             return dict(json.loads(data)) if data else {}
 
-        return with_retries(once)
+        return with_retries(once, retriable=retriable)
 
     def apply(self, manifest: dict[str, Any], field_manager: str) -> dict[str, Any]:
         """Server-side apply, forcing our field manager's ownership of the fields we set."""
@@ -143,6 +155,20 @@ class Kube:
             body=manifest,
             query=[("fieldManager", field_manager), ("force", "true")],
             content_type="application/apply-patch+yaml",
+        )
+
+    def create(self, kind: Kind, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        """POST; 409 (it exists) is raised at once."""
+        return self._call(
+            "POST", kind.path(namespace), body=body, retriable=RETRIABLE_BUT_CONFLICTS
+        )
+
+    def replace(
+        self, kind: Kind, namespace: str | None, name: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """PUT; with metadata.resourceVersion set, 409 if the object changed since (at once)."""
+        return self._call(
+            "PUT", kind.path(namespace, name), body=body, retriable=RETRIABLE_BUT_CONFLICTS
         )
 
     def get(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any] | None:

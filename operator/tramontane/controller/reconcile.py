@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,17 +21,21 @@ from kubernetes.client.exceptions import ApiException
 from tramontane.api.conditions import ConditionStatus, find
 from tramontane.api.tenancy import ResidencyPolicy
 from tramontane.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus
-from tramontane.controller import children, telemetry
+from tramontane.controller import children, telemetry, tenants
 from tramontane.controller.kube import (
     MODELDEPLOYMENT,
-    NAMESPACE,
     PERSISTENTVOLUMECLAIM,
     RAYCLUSTER,
     RAYSERVICE,
     RESIDENCYPOLICY,
     Kube,
 )
-from tramontane.policy.residency import disallowed_sources, region_requirements
+from tramontane.policy.residency import (
+    disallowed_sources,
+    region_requirements,
+    telemetry_allowed,
+)
+from tramontane.render.drift import cluster_drift, drift_revert_patch
 from tramontane.render.rayservice import (
     FIELD_MANAGER,
     RenderOptions,
@@ -45,7 +50,7 @@ from tramontane.render.status import (
     serving_cluster_name,
     transitions,
 )
-from tramontane.render.tenant import POLICY_LABEL, TENANT_LABEL
+from tramontane.render.tenant import TenancyError
 
 log = logging.getLogger(__name__)
 CONTROLLER_NAME = "tramontane.dev/operator"
@@ -95,9 +100,13 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
         residency: tuple[ConditionStatus, str, str] | None = None
         rayservice: dict[str, Any] | None = None
         try:
-            residency, placement = _residency(kube, md)
-            if residency is not None and residency[0] is ConditionStatus.FALSE:
+            residency, placement, options = _residency(kube, md, options)
+            if residency[0] is ConditionStatus.FALSE:
                 _withdraw(kube, md, residency[2])
+            elif residency[0] is ConditionStatus.UNKNOWN:
+                # Tenancy in doubt: apply nothing on the word of the labels; what runs keeps
+                # the placement it was applied with until the operator has restored them.
+                rayservice = kube.get(RAYSERVICE, md.namespace, md.name)
             else:
                 rayservice = _apply_children(kube, md, options, placement)
         except ApiException as error:
@@ -214,37 +223,45 @@ def is_echo(body: Mapping[str, Any]) -> bool:
 
 
 def _residency(
-    kube: Kube, md: ModelDeployment
-) -> tuple[tuple[ConditionStatus, str, str] | None, list[dict[str, Any]]]:
+    kube: Kube, md: ModelDeployment, options: RenderOptions
+) -> tuple[tuple[ConditionStatus, str, str], list[dict[str, Any]], RenderOptions]:
     """The deployment's ResidencyCompliant verdict and the node placement its pods must get.
 
-    The tenant and its policy are read from the namespace's labels, which only the operator
-    (through the Tenant) sets: tenant admins cannot edit their namespace.
+    The tenant comes from the Tenant objects, checked against the namespace's labels (see
+    render.tenant.owning_tenant). A namespace whose tenancy cannot be trusted fails closed with
+    Unknown: nothing is applied (never rendered unpinned or under another tenant's policy) and
+    nothing is removed (what runs was placed under the right policy) until the labels agree.
+    A missing policy or a disallowed source is False: the deployment is withdrawn.
     """
-    namespace = kube.get(NAMESPACE, None, md.namespace) or {}
-    labels = namespace.get("metadata", {}).get("labels") or {}
-    if TENANT_LABEL not in labels:
-        return None, []
-    policy_name = labels.get(POLICY_LABEL, "")
-    policy_body = kube.get(RESIDENCYPOLICY, None, policy_name) if policy_name else None
+    try:
+        tenant = tenants.owner_of(kube, md.namespace)
+    except TenancyError as error:
+        return (ConditionStatus.UNKNOWN, error.reason, str(error)), [], options
+    policy_name = tenant.spec.residency_policy
+    policy_body = kube.get(RESIDENCYPOLICY, None, policy_name)
     if policy_body is None:
         # Fail closed: without its policy we cannot know where the model may run.
         return (ConditionStatus.FALSE, "ResidencyPolicyNotFound",
-                f"ResidencyPolicy {policy_name!r} of tenant {labels[TENANT_LABEL]} "
-                "does not exist"), []  # fmt: skip
+                f"ResidencyPolicy {policy_name!r} of tenant {tenant.name} "
+                "does not exist"), [], options  # fmt: skip
     policy = ResidencyPolicy.from_body(policy_body)
     denied = disallowed_sources(md, policy.spec)
     if denied:
         return (ConditionStatus.FALSE, "ModelSourceNotAllowed",
                 f"{', '.join(denied)} not allowed by ResidencyPolicy {policy.name} "
-                f"(modelSources: {', '.join(policy.spec.model_sources)})"), []  # fmt: skip
+                f"(modelSources: {', '.join(policy.spec.model_sources)})"), [], options  # fmt: skip
     placement = region_requirements(policy.spec)
     where = ", ".join(policy.spec.regions) + (
         f" (zones {', '.join(policy.spec.zones)})" if policy.spec.zones else ""
     )
-    return (ConditionStatus.TRUE, "WithinPolicy",
-            f"Ray pods required to run in {where} by ResidencyPolicy {policy.name} "
-            f"({policy.spec.jurisdiction})"), placement  # fmt: skip
+    message = (f"Ray pods required to run in {where} by ResidencyPolicy {policy.name} "
+               f"({policy.spec.jurisdiction})")  # fmt: skip
+    if options.otlp_endpoint and not telemetry_allowed(options.otlp_endpoint, policy.spec):
+        # Request spans name the tenant, model and route: they go only where the policy says.
+        options = replace(options, otlp_endpoint=None)
+        message += "; request spans not exported: the installation's OTLP endpoint is not in "
+        message += "its telemetryEndpoints"
+    return (ConditionStatus.TRUE, "WithinPolicy", message), placement, options
 
 
 def _claims(kube: Kube, md: ModelDeployment) -> tuple[ClaimState, ...]:
@@ -284,7 +301,78 @@ def _apply_children(
         if manifest["kind"] == "RayService":
             rayservice = applied
             _sync_worker_bounds(kube, md, manifest, applied)
+            _revert_drift(kube, md, manifest, applied)
     return rayservice
+
+
+def _revert_drift(
+    kube: Kube, md: ModelDeployment, manifest: dict[str, Any], rayservice: dict[str, Any]
+) -> None:
+    """Put back what someone changed in the RayCluster KubeRay runs from our RayService (see
+    render.drift). Only once KubeRay has seen the RayService's current spec, and only for the
+    cluster made from it: the pending one during an upgrade, else the active one (the active
+    cluster of an upgrade in flight legitimately has the old spec)."""
+    status = rayservice.get("status") or {}
+    if status.get("observedGeneration") != rayservice["metadata"].get("generation"):
+        return
+    name = (status.get("pendingServiceStatus") or {}).get("rayClusterName") or (
+        status.get("activeServiceStatus") or {}
+    ).get("rayClusterName")
+    if not name:
+        return
+    if children.cache.drift_checked(md.namespace, name):
+        return  # its spec has not changed since it was last found as rendered
+    # The cache keeps RayClusters trimmed (a thousand full specs would cost megabytes): the
+    # comparison needs the whole object, read once per change of its spec.
+    raycluster = kube.get(RAYCLUSTER, md.namespace, name)
+    if raycluster is None:
+        return
+    rendered = manifest["spec"]["rayClusterConfig"]
+    operations = drift_revert_patch(rendered, raycluster)
+    if not operations:
+        children.cache.record_drift_check(raycluster)
+        return
+    drifted = cluster_drift(rendered, raycluster)
+    if not _patch_raycluster(kube, md, name, operations):
+        return
+    log.warning("RayCluster %s/%s drifted from its render, reverted: %s", md.namespace, name,
+                ", ".join(drifted))  # fmt: skip
+    kube.event(
+        {
+            "apiVersion": md.api_version,
+            "kind": KIND,
+            "metadata": {**md.metadata, "name": md.name, "namespace": md.namespace},
+        },
+        type_="Warning",
+        reason="DriftReverted",
+        note=f"RayCluster {name} was changed outside the operator and put back: "
+        f"{', '.join(drifted[:8])}{' …' if len(drifted) > 8 else ''}",
+        action="Reconcile",
+        controller=CONTROLLER_NAME,
+    )
+
+
+def _raycluster(kube: Kube, md: ModelDeployment, name: str) -> dict[str, Any] | None:
+    """A RayCluster of the deployment as the watch last saw it (read if not seen yet)."""
+    raycluster = children.cache.observed("RayCluster", md.namespace, name)
+    if raycluster is None or "spec" not in raycluster:
+        raycluster = kube.get(RAYCLUSTER, md.namespace, name)
+    return raycluster
+
+
+def _patch_raycluster(
+    kube: Kube, md: ModelDeployment, name: str, operations: list[dict[str, Any]]
+) -> bool:
+    """Apply a guarded JSON patch; False if the cluster is gone or changed meanwhile (its watch
+    event brings us back with a fresh look)."""
+    try:
+        patched = kube.json_patch(RAYCLUSTER, md.namespace, name, operations)
+    except ApiException as error:
+        if error.status not in (404, 409, 422):
+            raise
+        return False
+    children.cache.observe({"kind": "RayCluster", **patched})
+    return True
 
 
 def _sync_worker_bounds(
@@ -297,19 +385,10 @@ def _sync_worker_bounds(
         name = (status.get(key) or {}).get("rayClusterName")
         if not name:
             continue
-        raycluster = children.cache.observed("RayCluster", md.namespace, name)
-        if raycluster is None or "spec" not in raycluster:
-            raycluster = kube.get(RAYCLUSTER, md.namespace, name)
+        raycluster = _raycluster(kube, md, name)
         operations = worker_bounds_patch(manifest, raycluster) if raycluster else []
-        if not operations:
+        if not operations or not _patch_raycluster(kube, md, name, operations):
             continue
-        try:
-            patched = kube.json_patch(RAYCLUSTER, md.namespace, name, operations)
-        except ApiException as error:
-            if error.status not in (404, 409, 422):
-                raise
-            continue  # gone or changed meanwhile: its watch event brings us back
-        children.cache.observe({"kind": "RayCluster", **patched})
         log.info("RayCluster %s/%s: worker bounds set to the RayService's", md.namespace, name)
 
 

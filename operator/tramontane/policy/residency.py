@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 from tramontane.api.base import REGION_LABEL, ZONE_LABEL
@@ -31,6 +31,17 @@ def disallowed_sources(md: ModelDeployment, policy: ResidencyPolicySpec) -> list
     return [uri for uri in uris if not source_allowed(uri, policy.model_sources)]
 
 
+def telemetry_allowed(endpoint: str, policy: ResidencyPolicySpec) -> bool:
+    """Whether the policy lets request spans go to `endpoint`: it is one of telemetryEndpoints,
+    or under one's path (compared whole segments: https://otel.eu/v1 allows
+    https://otel.eu/v1/traces, not https://otel.eu/v10 nor https://otel.eu.evil.com)."""
+    for allowed in policy.telemetry_endpoints:
+        base = allowed.rstrip("/")
+        if endpoint.rstrip("/") == base or endpoint.startswith(base + "/"):
+            return True
+    return False
+
+
 def region_requirements(policy: ResidencyPolicySpec) -> list[dict[str, object]]:
     """Node-selector requirements that keep a pod inside the policy's regions and zones."""
     requirements: list[dict[str, object]] = []
@@ -47,26 +58,34 @@ def gpus_at_max_scale(md: ModelDeployment) -> int:
 
 
 def quota_violation(
-    tenant: Tenant, others: Iterable[ModelDeployment], candidate: ModelDeployment
+    tenant: Tenant,
+    others: Iterable[ModelDeployment],
+    candidate: ModelDeployment,
+    admitted: Mapping[str, int] | None = None,
 ) -> str | None:
     """Why `candidate` (new or changed) would exceed the tenant's quota, or None.
 
-    `others` are the tenant's other deployments (the candidate's previous version excluded).
+    `others` are the tenant's other deployments (the candidate's previous version excluded);
+    `admitted`: GPUs at maximum scale of deployments admitted but not among `others` yet (or
+    admitted with more GPUs than `others` shows), by name.
     """
-    others = list(others)
-    used = sum(gpus_at_max_scale(md) for md in others)
+    gpus = {md.name: gpus_at_max_scale(md) for md in others}
+    for name, admitted_gpus in (admitted or {}).items():
+        if name != candidate.name:
+            gpus[name] = max(gpus.get(name, 0), admitted_gpus)
+    used = sum(gpus.values())
     wanted = gpus_at_max_scale(candidate)
     quota = tenant.spec.quota
     if used + wanted > quota.gpus:
         return (
             f"tenant {tenant.name} GPU quota exceeded: quota.gpus is {quota.gpus}, "
-            f"{used} in use by {len(others)} other deployment(s), this one needs {wanted} "
+            f"{used} in use by {len(gpus)} other deployment(s), this one needs {wanted} "
             f"(scaling.maxReplicas {candidate.spec.scaling.max_replicas} x accelerator.count "
             f"{candidate.spec.accelerator.gpus})"
         )
-    if len(others) + 1 > quota.model_deployments:
+    if len(gpus) + 1 > quota.model_deployments:
         return (
             f"tenant {tenant.name} quota exceeded: quota.modelDeployments is "
-            f"{quota.model_deployments} and {len(others)} exist"
+            f"{quota.model_deployments} and {len(gpus)} exist"
         )
     return None

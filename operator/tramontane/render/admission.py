@@ -140,16 +140,10 @@ def render_bindings(policy: ResidencyPolicy) -> list[dict[str, Any]]:
             "metadata": {
                 "name": f"{policy_name(kind)}-{policy.name}",
                 "labels": {"app.kubernetes.io/part-of": "tramontane", POLICY_LABEL: policy.name},
-                "ownerReferences": [
-                    {
-                        "apiVersion": API_VERSION,
-                        "kind": ResidencyPolicy.KIND,
-                        "name": policy.name,
-                        "uid": policy.metadata["uid"],
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
+                # No owner: garbage collection must not remove residency admission with the
+                # policy (a deleted policy is refused while a Tenant uses it; with their param
+                # gone the bindings refuse everything they match). The operator removes the
+                # bindings of a policy nobody uses once it is deleted.
             },
             "spec": {
                 "policyName": policy_name(kind),

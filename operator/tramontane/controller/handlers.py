@@ -287,8 +287,8 @@ def namespace_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) 
     """A tenant namespace whose tramontane.dev/* labels were changed or removed (only the
     operator may, but a guard can be switched off) is relabelled by its Tenant's reconcile at
     once, and its deployments are re-reconciled: until then they fail closed (withdrawn)."""
-    if event.get("type") == "DELETED":
-        return
+    if event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
+        return  # a namespace going away takes nothing new
     for tenant in tenants.claimants(runtime.client(), name):
         if tenants.labels_drifted(dict(body), tenant):
             log.warning("namespace %s: tenant labels drifted; restoring (Tenant %s)", name,

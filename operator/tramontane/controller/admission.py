@@ -34,6 +34,7 @@ from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
 from tramontane.controller import tenants
 from tramontane.controller.kube import (
+    LEASE,
     MODELDEPLOYMENT,
     RESIDENCYPOLICY,
     Kind,
@@ -141,9 +142,6 @@ class DeploymentIndex:
         return listed
 
 
-LEASES = Kind("coordination.k8s.io", "v1", "leases")
-
-
 class AdmissionLedger:
     """What the webhook admitted in a tenant's namespace that the watch may not show yet: GPUs
     at maximum scale by deployment name, each for TTL_S, in the annotation of a Lease in the
@@ -166,10 +164,11 @@ class AdmissionLedger:
         self.kube = kube
         self.namespace = namespace
         self._lease: dict[str, Any] | None = None
+        self._entries: dict[str, dict[str, Any]] = {}
 
     def read(self) -> dict[str, int]:
         """The unexpired entries, GPUs by name."""
-        self._lease = self.kube.get(LEASES, self.namespace, self.NAME)
+        self._lease = self.kube.get(LEASE, self.namespace, self.NAME)
         raw = ((self._lease or {}).get("metadata", {}).get("annotations") or {}).get(
             self.ANNOTATION, "{}"
         )
@@ -198,9 +197,9 @@ class AdmissionLedger:
         body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta}
         try:
             if self._lease is None:
-                self.kube.create(LEASES, self.namespace, body)
+                self.kube.create(LEASE, self.namespace, body)
             else:
-                self.kube.replace(LEASES, self.namespace, self.NAME, body)
+                self.kube.replace(LEASE, self.namespace, self.NAME, body)
         except ApiException as error:
             if error.status == 409:  # written (or created) by another request meanwhile
                 return False

@@ -286,7 +286,8 @@ def tenant_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) -> 
 def namespace_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) -> None:
     """A tenant namespace whose tramontane.dev/* labels were changed or removed (only the
     operator may, but a guard can be switched off) is relabelled by its Tenant's reconcile at
-    once, and its deployments are re-reconciled: until then they fail closed (withdrawn)."""
+    once, and its deployments are re-reconciled: until then they fail closed (held: nothing
+    applied, nothing removed)."""
     if event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
         return  # a namespace going away takes nothing new
     for tenant in tenants.claimants(runtime.client(), name):

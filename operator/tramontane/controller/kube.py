@@ -57,6 +57,7 @@ NAMESPACE = Kind("", "v1", "namespaces", namespaced=False)
 BINDING = Kind(
     "admissionregistration.k8s.io", "v1", "validatingadmissionpolicybindings", namespaced=False
 )
+LEASE = Kind("coordination.k8s.io", "v1", "leases")
 CLUSTERKOPFPEERING = Kind("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
 
 KINDS = {

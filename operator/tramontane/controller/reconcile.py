@@ -328,12 +328,11 @@ def _revert_drift(
     if raycluster is None:
         return
     rendered = manifest["spec"]["rayClusterConfig"]
-    operations = drift_revert_patch(rendered, raycluster)
-    if not operations:
+    drifted = cluster_drift(rendered, raycluster)
+    if not drifted:
         children.cache.record_drift_check(raycluster)
         return
-    drifted = cluster_drift(rendered, raycluster)
-    if not _patch_raycluster(kube, md, name, operations):
+    if not _patch_raycluster(kube, md, name, drift_revert_patch(rendered, raycluster)):
         return
     log.warning("RayCluster %s/%s drifted from its render, reverted: %s", md.namespace, name,
                 ", ".join(drifted))  # fmt: skip

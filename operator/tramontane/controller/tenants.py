@@ -16,7 +16,6 @@ from tramontane.controller.kube import MODELDEPLOYMENT, NAMESPACE, RESIDENCYPOLI
 from tramontane.policy.residency import gpus_at_max_scale
 from tramontane.render.rayservice import FIELD_MANAGER
 from tramontane.render.tenant import (
-    POLICY_LABEL,
     TENANT_LABEL,
     TenancyError,
     TenantOptions,
@@ -60,12 +59,14 @@ def owner_of(kube: Kube, namespace: str) -> Tenant:
 
 
 def labels_drifted(namespace: dict[str, Any], tenant: Tenant) -> bool:
-    """Whether the namespace a Tenant owns lost the labels the operator set on it."""
+    """Whether the namespace a Tenant claims lost the labels that make it the owner (the rule is
+    owning_tenant's)."""
     labels = namespace.get("metadata", {}).get("labels") or {}
-    return (
-        labels.get(TENANT_LABEL) != tenant.name
-        or labels.get(POLICY_LABEL) != tenant.spec.residency_policy
-    )
+    try:
+        owning_tenant(tenant.spec.namespace, labels, [tenant])
+    except TenancyError:
+        return True
+    return False
 
 
 def _ours(namespace: dict[str, Any], tenant: Tenant) -> bool:

@@ -85,7 +85,11 @@ def _modeldeployment(namespace: str, model_dir: Path) -> dict[str, Any]:
 
 
 def _app_status(cluster: Kubectl, namespace: str, name: str) -> str | None:
-    status = cluster.json("get", "rayservice", name, "-n", namespace).get("status", {})
+    """The Serve application's status; None before there is one (or a RayService at all: the
+    first poll can come before the operator's first reconcile)."""
+    out = cluster.run("get", "rayservice", name, "-n", namespace, "-o", "json",
+                      "--ignore-not-found")  # fmt: skip
+    status = json.loads(out).get("status", {}) if out.strip() else {}
     apps = status.get("activeServiceStatus", {}).get("applicationStatuses", {})
     return str(apps.get(name, {}).get("status")) if apps else None
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from kubernetes import client, config
@@ -27,6 +28,14 @@ T = TypeVar("T")
 RETRIABLE = frozenset({409, 429, 500, 502, 503, 504})
 # A compare-and-swap's 409 is its answer, not a failure to retry with the same resourceVersion.
 RETRIABLE_BUT_CONFLICTS = RETRIABLE - {409}
+# (connect, read) seconds: a hung connection must not hold a worker thread (or an admission
+# review, which the API server gives up on after its own 10 s) forever. Watches are kopf's and
+# have their own timeouts; no call here is a watch.
+REQUEST_TIMEOUT = (5.0, 30.0)
+MAX_BACKOFF_S = 8.0
+# An API server restarting refuses connections for a few seconds; etcd's leader election can
+# answer 5xx for as long. Attempts * backoff must outlast that (about 30 s in all).
+ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -78,23 +87,35 @@ KINDS = {
 }
 
 
-def is_not_found(error: BaseException) -> bool:
-    return isinstance(error, ApiException) and error.status == 404
+def _backoff(attempt: int, error: BaseException) -> float:
+    """Jittered exponential backoff; a 429's Retry-After (seconds) is honoured as a minimum."""
+    delay: float = min(MAX_BACKOFF_S, 0.2 * 2**attempt) * (0.5 + random.random())  # noqa: S311
+    if isinstance(error, ApiException) and error.status == 429:
+        retry_after = (error.headers or {}).get("Retry-After", "")
+        if str(retry_after).isdigit():
+            delay = max(delay, min(float(retry_after), 30.0))
+    return delay
 
 
 def with_retries(
-    call: Callable[[], T], attempts: int = 6, retriable: frozenset[int] = RETRIABLE
+    call: Callable[[], T], attempts: int = ATTEMPTS, retriable: frozenset[int] = RETRIABLE
 ) -> T:
-    """Retry conflicts, throttling and server errors with jittered exponential backoff."""
+    """Retry conflicts, throttling, server errors and broken connections (refused, reset,
+    timed out) with jittered exponential backoff."""
     for attempt in range(attempts):
         try:
             return call()
         except ApiException as error:
             if error.status not in retriable or attempt == attempts - 1:
                 raise
-            delay = min(8.0, 0.2 * 2**attempt) * (0.5 + random.random())  # noqa: S311
+            delay = _backoff(attempt, error)
             log.info("API %s, retrying in %.1fs", error.status, delay)
-            time.sleep(delay)
+        except (urllib3.exceptions.HTTPError, ConnectionError) as error:
+            if attempt == attempts - 1:
+                raise
+            delay = _backoff(attempt, error)
+            log.info("API unreachable (%s), retrying in %.1fs", type(error).__name__, delay)
+        time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -115,8 +136,10 @@ class Kube:
                 pass  # not in a pod: a kubeconfig file
         if not in_cluster:
             config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-        # kopf runs sync handlers in a thread pool: let each thread keep a connection.
+        # Reconciles and admission run in thread pools: let each thread keep a connection.
         configuration.connection_pool_maxsize = 32
+        # urllib3's own retries would multiply ours (and hide how long a call took).
+        configuration.retries = False
         return cls(client.ApiClient(configuration))
 
     def _call(
@@ -138,10 +161,12 @@ class Kube:
                 body=body,
                 auth_settings=["BearerToken"],
             )
-            response = self.api.call_api(*request)
+            response = self.api.call_api(*request, _request_timeout=REQUEST_TIMEOUT)
             data = response.read()
             if not 200 <= response.status <= 299:
-                raise ApiException(status=response.status, reason=response.reason, body=data)
+                error = ApiException(status=response.status, reason=response.reason, body=data)
+                error.headers = response.getheaders()
+                raise error
             return dict(json.loads(data)) if data else {}
 
         return with_retries(once, retriable=retriable)

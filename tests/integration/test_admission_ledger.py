@@ -6,6 +6,8 @@ ledger's compare-and-swap decides. Two ledgers here stand for two replicas admit
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.kube import Kubectl
@@ -44,6 +46,32 @@ def test_an_entry_expires_and_a_garbled_ledger_counts_nothing(
     assert ledger.read() == {}
     cluster.run("annotate", "lease", AdmissionLedger.NAME, "-n", namespace, "--overwrite",
                 f"{AdmissionLedger.ANNOTATION}=not json")  # fmt: skip
+    # The ledger keeps the Lease it last saw (no read per admission): the write from elsewhere
+    # makes its next write fail, and only then does it read again.
+    assert not ledger.record("fresh", 2)
     assert ledger.read() == {}
     assert ledger.record("fresh", 2)
     assert AdmissionLedger(kube, namespace).read() == {"fresh": 2}
+
+
+def test_in_the_steady_state_the_ledger_reads_nothing_and_drops_what_the_watch_shows(
+    kube: Kube, namespace: str
+) -> None:
+    ledger = AdmissionLedger(kube, namespace)
+    assert ledger.read() == {}
+    assert ledger.record("a", 2)
+    reads: list[str] = []
+    original = kube.get
+
+    def counted_get(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        reads.append(str(args))
+        return original(*args, **kwargs)
+
+    kube.get = counted_get  # type: ignore[method-assign]
+    assert ledger.read() == {"a": 2}
+    # "a" is in the indexes now with its 2 GPUs: its entry has done its job.
+    assert ledger.record("b", 4, seen={"a": 2})
+    assert ledger.read() == {"b": 4}
+    assert reads == []
+    kube.get = original  # type: ignore[method-assign]
+    assert AdmissionLedger(kube, namespace).read() == {"b": 4}

@@ -102,11 +102,15 @@ def test_quota_counts_gpus_at_the_autoscaling_maximum() -> None:
     big = md("big", accelerator={"type": "H100", "count": 2}, scaling={"maxReplicas": 3})
     assert gpus_at_max_scale(big) == 6
     small = md("small", scaling={"maxReplicas": 2})
-    assert quota_violation(tenant(gpus=8), [big], small) is None
-    message = quota_violation(tenant(gpus=8), [big], md("more", scaling={"maxReplicas": 3}))
+    assert quota_violation(tenant(gpus=8), {big.name: gpus_at_max_scale(big)}, small) is None
+    message = quota_violation(
+        tenant(gpus=8), {big.name: gpus_at_max_scale(big)}, md("more", scaling={"maxReplicas": 3})
+    )
     assert message is not None
     assert "quota.gpus is 8" in message and "6 in use" in message and "needs 3" in message
-    count = quota_violation(tenant(gpus=100, deployments=1), [small], big)
+    count = quota_violation(
+        tenant(gpus=100, deployments=1), {small.name: gpus_at_max_scale(small)}, big
+    )
     assert count is not None and "quota.modelDeployments is 1" in count
 
 

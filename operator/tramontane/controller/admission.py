@@ -18,6 +18,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +30,25 @@ from cryptography.x509.oid import NameOID
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from tramontane.api.base import REGION_LABEL
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
-from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
-from tramontane.controller import tenants
+from tramontane.api.v1alpha1 import ModelDeployment
+from tramontane.controller import indexes, tenants
+from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import (
     LEASE,
     MODELDEPLOYMENT,
+    NAMESPACE,
     RESIDENCYPOLICY,
+    TENANT,
     Kind,
     Kube,
 )
 from tramontane.policy.residency import disallowed_sources, gpus_at_max_scale, quota_violation
-from tramontane.render.rayservice import GPU_PRODUCT_LABEL, GPU_PRODUCTS
 from tramontane.render.tenant import TenancyError
 
 log = logging.getLogger(__name__)
 NODES = Kind("", "v1", "nodes", namespaced=False)
+CERT_CHECK_S = 10.0
 
 
 def self_signed(host: str, directory: Path) -> tuple[Path, Path]:
@@ -98,48 +101,11 @@ def webhook_server() -> kopf.WebhookServer:
         certfile=certfile,
         pkeyfile=keyfile,
         cafile=os.environ.get("TRAMONTANE_WEBHOOK_CA", certfile),
+        # A rotated certificate (cert-manager renewing the mounted Secret) is served from the
+        # next check on: kopf restarts its server on the new files and, where it manages the
+        # webhook configuration, puts the new CA bundle there.
+        file_check_interval=CERT_CHECK_S,
     )
-
-
-class DeploymentIndex:
-    """The ModelDeployments of each namespace as the watch last saw them.
-
-    Admission sums a tenant's GPUs on every create; listing the namespace each time would cost
-    O(n) per request (O(n²) for a tenant with many deployments). The first request for a
-    namespace lists it, the watch keeps it current afterwards. What was admitted but is not in
-    the watch yet is in the namespace's admission ledger (see AdmissionLedger).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_namespace: dict[str, dict[str, dict[str, Any]]] = {}
-        self._namespace_locks: dict[str, threading.Lock] = {}
-
-    def observe(self, body: dict[str, Any]) -> None:
-        meta = body["metadata"]
-        with self._lock:
-            if meta["namespace"] in self._by_namespace:
-                self._by_namespace[meta["namespace"]][meta["name"]] = body
-
-    def forget(self, namespace: str, name: str) -> None:
-        with self._lock:
-            self._by_namespace.get(namespace, {}).pop(name, None)
-
-    def serialised(self, namespace: str) -> threading.Lock:
-        """Held while a request for `namespace` is checked and recorded: this process's
-        requests do not race each other for the ledger."""
-        with self._lock:
-            return self._namespace_locks.setdefault(namespace, threading.Lock())
-
-    def deployments(self, kube: Kube, namespace: str) -> list[dict[str, Any]]:
-        with self._lock:
-            known = self._by_namespace.get(namespace)
-            if known is not None:
-                return list(known.values())
-        listed = kube.list_all(MODELDEPLOYMENT, namespace)
-        with self._lock:
-            self._by_namespace[namespace] = {item["metadata"]["name"]: item for item in listed}
-        return listed
 
 
 class AdmissionLedger:
@@ -153,6 +119,10 @@ class AdmissionLedger:
     exact under any concurrency, across replicas. An entry outlives the create it stands for by
     TTL_S at most (if a later admission step refused the object), which only errs towards
     refusing. Tenant admins cannot write Leases; the operator's RBAC names this one.
+
+    The Lease as this process last wrote it is kept: in the steady state, admission reads
+    nothing and writes once. A write from elsewhere makes ours fail (409), and only then is the
+    Lease read again.
     """
 
     NAME = "tramontane-admission"
@@ -164,11 +134,15 @@ class AdmissionLedger:
         self.kube = kube
         self.namespace = namespace
         self._lease: dict[str, Any] | None = None
+        self._known = False  # whether _lease is what the API had at our last read or write
         self._entries: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()  # this process's requests do not race each other
 
     def read(self) -> dict[str, int]:
         """The unexpired entries, GPUs by name."""
-        self._lease = self.kube.get(LEASE, self.namespace, self.NAME)
+        if not self._known:
+            self._lease = self.kube.get(LEASE, self.namespace, self.NAME)
+            self._known = True
         raw = ((self._lease or {}).get("metadata", {}).get("annotations") or {}).get(
             self.ANNOTATION, "{}"
         )
@@ -183,9 +157,16 @@ class AdmissionLedger:
         }  # fmt: skip
         return {name: int(entry.get("gpus", 0)) for name, entry in self._entries.items()}
 
-    def record(self, name: str, gpus: int) -> bool:
-        """Add an entry; False if someone wrote the ledger since `read` (read again)."""
-        entries = {**self._entries, name: {"gpus": gpus, "until": time.time() + self.TTL_S}}
+    def record(self, name: str, gpus: int, seen: Mapping[str, int] | None = None) -> bool:
+        """Add an entry; False if someone wrote the ledger since `read` (read again).
+
+        `seen`: GPUs by name of the deployments the watch already shows (fresh indexes only);
+        their entries are dropped, which keeps the Lease small under a burst of creates."""
+        entries = {
+            other: entry for other, entry in self._entries.items()
+            if seen is None or seen.get(other, -1) < int(entry.get("gpus", 0))
+        }  # fmt: skip
+        entries[name] = {"gpus": gpus, "until": round(time.time() + self.TTL_S, 1)}
         meta: dict[str, Any] = {
             "name": self.NAME,
             "namespace": self.namespace,
@@ -197,17 +178,38 @@ class AdmissionLedger:
         body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta}
         try:
             if self._lease is None:
-                self.kube.create(LEASE, self.namespace, body)
+                self._lease = self.kube.create(LEASE, self.namespace, body)
             else:
-                self.kube.replace(LEASE, self.namespace, self.NAME, body)
+                self._lease = self.kube.replace(LEASE, self.namespace, self.NAME, body)
         except ApiException as error:
-            if error.status == 409:  # written (or created) by another request meanwhile
+            # 409: written (or created) by another request meanwhile; 404: deleted since.
+            self._known = False
+            if error.status in (404, 409):
                 return False
             raise
         return True
 
 
-index = DeploymentIndex()
+class Ledgers:
+    """One AdmissionLedger per namespace, dropped with the namespace."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._ledgers: dict[str, AdmissionLedger] = {}
+
+    def of(self, kube: Kube, namespace: str) -> AdmissionLedger:
+        with self._guard:
+            ledger = self._ledgers.get(namespace)
+            if ledger is None:
+                ledger = self._ledgers[namespace] = AdmissionLedger(kube, namespace)
+            return ledger
+
+    def forget(self, namespace: str) -> None:
+        with self._guard:
+            self._ledgers.pop(namespace, None)
+
+
+ledgers = Ledgers()
 
 
 class Denied(kopf.AdmissionError):
@@ -231,43 +233,76 @@ class Invalid(kopf.AdmissionError):
         super().__init__("; ".join(problems), code=422)
 
 
-def _tenant_of(kube: Kube, namespace: str) -> Tenant:
-    try:
-        return tenants.owner_of(kube, namespace)
-    except TenancyError as error:
-        raise Denied(
-            f"{error}: ModelDeployments can only be created in a tenant's namespace"
-        ) from None
-
-
-def _regions_with(kube: Kube, accelerator: AcceleratorType) -> set[str]:
-    nodes = kube.list_all(NODES)
-    if accelerator is AcceleratorType.CPU:
-        return {n["metadata"].get("labels", {}).get(REGION_LABEL, "") for n in nodes}
-    products = set(GPU_PRODUCTS[accelerator])
-    return {
-        n["metadata"].get("labels", {}).get(REGION_LABEL, "")
-        for n in nodes
-        if n["metadata"].get("labels", {}).get(GPU_PRODUCT_LABEL) in products
-    }
+def facts_from_api(kube: Kube, namespace: str) -> Facts:
+    """What the indexes would say, read from the API: for a replica whose indexes are not
+    current (a peering standby: kopf pauses its watches), and to confirm a refusal."""
+    body = kube.get(NAMESPACE, None, namespace)
+    meta = (body or {}).get("metadata", {})
+    claimants = tuple(
+        Tenant.from_body(item)
+        for item in kube.list_all(TENANT)
+        if (item.get("spec") or {}).get("namespace") == namespace
+    )
+    found: dict[str, ResidencyPolicy] = {}
+    for name in {tenant.spec.residency_policy for tenant in claimants}:
+        if policy := kube.get(RESIDENCYPOLICY, None, name):
+            found[name] = ResidencyPolicy.from_body(policy)
+    listed = kube.list_all(MODELDEPLOYMENT, namespace) if body is not None else []
+    deployments = tuple(indexes.deployment_facts(item) for item in listed)
+    regions = indexes.regions_by_accelerator(indexes.node_pair(n) for n in kube.list_all(NODES))
+    return Facts(
+        namespace=namespace,
+        labels=None if body is None or meta.get("deletionTimestamp") else meta.get("labels") or {},
+        claimants=claimants,
+        policies=found,
+        deployments=deployments,
+        regions=regions,
+    )
 
 
 def validate_modeldeployment(
-    kube: Kube, body: dict[str, Any], namespace: str, dry_run: bool = False
+    kube: Kube,
+    body: dict[str, Any],
+    namespace: str,
+    dry_run: bool = False,
+    facts: Facts | None = None,
 ) -> None:
+    """Admit a ModelDeployment or raise why not.
+
+    `facts`: from the indexes (a current replica), else None and they are read from the API. A
+    refusal on the indexes' word is confirmed from the API first: an index can hold what was
+    deleted while this replica was paused, and that must not refuse anything.
+    """
     try:
         md = ModelDeployment.from_body(
             {**body, "metadata": {**body["metadata"], "namespace": namespace}}
         )
     except ValidationError as error:
         raise Invalid(error) from None
-    tenant = _tenant_of(kube, namespace)
-    policy_body = kube.get(RESIDENCYPOLICY, None, tenant.spec.residency_policy)
-    if policy_body is None:
+    if facts is not None:
+        try:
+            _admit(kube, md, facts, dry_run, fresh_indexes=True)
+            return
+        except Denied as refusal:
+            log.info("%s/%s refused on the indexes' word, confirming from the API: %s",
+                     namespace, md.name, refusal)  # fmt: skip
+    _admit(kube, md, facts_from_api(kube, namespace), dry_run, fresh_indexes=False)
+
+
+def _admit(
+    kube: Kube, md: ModelDeployment, facts: Facts, dry_run: bool, *, fresh_indexes: bool
+) -> None:
+    try:
+        tenant = facts.owner()
+    except TenancyError as error:
+        raise Denied(
+            f"{error}: ModelDeployments can only be created in a tenant's namespace"
+        ) from None
+    policy = facts.policy_of(tenant)
+    if policy is None:
         raise Denied(
             f"ResidencyPolicy {tenant.spec.residency_policy} of tenant {tenant.name} does not exist"
         )
-    policy = ResidencyPolicy.from_body(policy_body)
     denied = disallowed_sources(md, policy.spec)
     if denied:
         raise Denied(
@@ -275,7 +310,7 @@ def validate_modeldeployment(
             f"{policy.name} of tenant {tenant.name} (modelSources: "
             f"{', '.join(policy.spec.model_sources)})"
         )
-    regions = _regions_with(kube, md.spec.accelerator.type)
+    regions = set(facts.regions.get(md.spec.accelerator.type.value, ()))
     if policy.spec.regions != ["*"]:
         regions &= set(policy.spec.regions)
     if not regions:
@@ -283,24 +318,25 @@ def validate_modeldeployment(
             f"spec.accelerator.type: no {md.spec.accelerator.type.value} nodes in the regions "
             f"ResidencyPolicy {policy.name} allows ({', '.join(policy.spec.regions)})"
         )
-    with index.serialised(namespace):
-        others = [
-            ModelDeployment.from_body(item)
-            for item in index.deployments(kube, namespace)
-            if item["metadata"]["name"] != md.name
-        ]
-        ledger = AdmissionLedger(kube, namespace)
+    others = {d.name: d.gpus for d in facts.deployments if d.name != md.name}
+    wanted = gpus_at_max_scale(md)
+    ledger = ledgers.of(kube, md.namespace)
+    with ledger.lock:
         for _ in range(AdmissionLedger.ATTEMPTS):
             violation = quota_violation(tenant, others, md, admitted=ledger.read())
             if violation:
                 raise Denied(f"spec.scaling.maxReplicas: {violation}")
-            if dry_run or ledger.record(md.name, gpus_at_max_scale(md)):
+            current = next((d.gpus for d in facts.deployments if d.name == md.name), None)
+            if dry_run or (current is not None and wanted <= current):
+                return  # nothing to hold: it claims no more than the watch already counts
+            seen = {d.name: d.gpus for d in facts.deployments} if fresh_indexes else None
+            if ledger.record(md.name, wanted, seen):
                 return
-        raise kopf.AdmissionError(
-            f"too many concurrent changes to the ModelDeployments of namespace {namespace}: "
-            "try again",
-            code=409,
-        )
+    raise kopf.AdmissionError(
+        f"too many concurrent changes to the ModelDeployments of namespace {md.namespace}: "
+        "try again",
+        code=409,
+    )
 
 
 def validate_tenant_deletion(kube: Kube, body: dict[str, Any]) -> None:

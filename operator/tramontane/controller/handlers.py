@@ -1,51 +1,69 @@
-"""kopf handlers: thin adapters from watch events to reconcile().
+"""kopf handlers: thin adapters from watch events, timers and admission reviews to reconcile().
 
 Level-triggered: every event of a ModelDeployment, or of a child that carries its label
 (RayService, its RayCluster, PodMonitor), reconciles that ModelDeployment from what is in the API
 now. A deleted or edited child therefore comes back on its own event, within a second, and a
 restarted operator converges everything from the initial listing.
+
+Handlers are coroutines on kopf's loop: they read kopf's indexes there (indexes.Facts) and run
+the reconcile, which calls the API, on a thread pool. A reconcile that fails is not retried in
+place: its status says Reconciled=False, and that is what starts the retry timer for it
+(`retry_modeldeployment`), which kopf runs with backoff until the object is Reconciled, pauses
+with the rest when this replica is a standby, and stops when the object goes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
-import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 
 from tramontane.api.tenancy import ResidencyPolicy
-from tramontane.api.v1alpha1 import ModelDeployment
-from tramontane.controller import admission, children, reconcile, tenants
+from tramontane.controller import admission, children, indexes, peering, reconcile, tenants
 from tramontane.controller import settings as environment
+from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import BINDING, MODELDEPLOYMENT, TENANT, Kube
 from tramontane.render.admission import render_bindings
-from tramontane.render.rayservice import (
-    DEPLOYMENT_LABEL,
-    FIELD_MANAGER,
-    RenderOptions,
-    model_claims,
-)
+from tramontane.render.rayservice import DEPLOYMENT_LABEL, FIELD_MANAGER, RenderOptions
 from tramontane.render.status import pod_problem
 from tramontane.render.tenant import TENANT_LABEL, TenantOptions
 
 log = logging.getLogger(__name__)
-RETRY_DELAYS = (1, 2, 4, 8, 15)
+T = TypeVar("T")
+MODELDEPLOYMENTS = ("tramontane.dev", "v1alpha1", "modeldeployments")
+TENANTS = ("tramontane.dev", "v1alpha1", "tenants")
+# A failed reconcile is retried after 2, 4, 8 … seconds, at most RETRY_MAX_S apart.
+RETRY_FIRST_S = 2.0
+RETRY_MAX_S = 30.0
+# Every Tenant is reconciled this often (its guard rails re-applied, its quota use refreshed).
+TENANT_RESYNC_S = 60.0
 
 
 class Runtime:
-    """What handlers share: the API client, render options and a lock per ModelDeployment."""
+    """What handlers share: the API client, render options, the thread pools, this replica's
+    standing among its peers, and a lock per object (an event and a timer may overlap)."""
 
     def __init__(self) -> None:
         self.kube: Kube | None = None
         self.options: RenderOptions = environment.render_options()
         self.tenant_options: TenantOptions = environment.tenant_options()
+        workers = int(os.environ.get("TRAMONTANE_RECONCILE_WORKERS", "16"))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+        # Admission has its own threads: behind queued reconciles, reviews would time out.
+        self.admission_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="admission")
+        self.standing = peering.Standing(os.environ.get("TRAMONTANE_PEERING") or None, self.client)
+        # Set by the first handler call: kopf runs handlers only once every index is filled.
+        self.indexes_ready = threading.Event()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._admission_locks: dict[str, asyncio.Lock] = {}
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -54,6 +72,15 @@ class Runtime:
     def drop_lock(self, namespace: str, name: str) -> None:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
+
+    def admission_lock(self, namespace: str) -> asyncio.Lock:
+        """Held (on kopf's loop) from reading the indexes to recording in the ledger, so that
+        each review of a namespace sees what the ones before it admitted."""
+        return self._admission_locks.setdefault(namespace, asyncio.Lock())
+
+    def forget_namespace(self, namespace: str) -> None:
+        self._admission_locks.pop(namespace, None)
+        admission.ledgers.forget(namespace)
 
     def client(self) -> Kube:
         if self.kube is None:
@@ -64,48 +91,74 @@ class Runtime:
 runtime = Runtime()
 
 
-def reconcile_by_name(namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
-    """Reconcile with retries; one reconcile at a time per ModelDeployment.
+async def _in_pool(call: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(pool or runtime.pool, functools.partial(call, *args))
+
+
+def reconcile_once(namespace: str, name: str, body: dict[str, Any] | None, facts: Facts) -> bool:
+    """One reconcile, one at a time per ModelDeployment; False if it failed (status says why and
+    the retry timer takes over).
 
     Once we have written a deployment's status, the object is read fresh under the lock: a watch
     event's body may predate that write and would make us report the same transition twice.
     """
     kube = runtime.client()
-    for delay in (*RETRY_DELAYS, None):
-        with runtime.lock(namespace, name):
-            # A watch event's body is only trusted for a deployment we never wrote status to.
-            fresh = body is not None and not reconcile.has_written(namespace, name)
-            current = body if fresh else kube.get(MODELDEPLOYMENT, namespace, name)
-            body = None
-            if current is None:
-                reconcile.forget(namespace, name)
-                runtime.drop_lock(namespace, name)
-                return
-            try:
-                reconcile.reconcile_modeldeployment(kube, current, runtime.options)
-                return
-            except reconcile.ReconcileError as error:
-                if delay is None:
-                    log.error("giving up on %s/%s for now: %s", namespace, name, error)
-                    return
-        time.sleep(delay)
+    with runtime.lock(namespace, name):
+        # A watch event's body is only trusted for a deployment we never wrote status to.
+        fresh = body is not None and not reconcile.has_written(namespace, name)
+        current = body if fresh else kube.get(MODELDEPLOYMENT, namespace, name)
+        if current is None:
+            reconcile.forget(namespace, name)
+            runtime.drop_lock(namespace, name)
+            return True
+        try:
+            reconcile.reconcile_modeldeployment(kube, current, runtime.options, facts)
+        except reconcile.ReconcileError as error:
+            log.info("%s/%s: reconcile failed, retried by its timer: %s", namespace, name, error)
+            return False
+        return True
 
 
-@kopf.on.event("tramontane.dev", "v1alpha1", "modeldeployments")
-def modeldeployment_event(
-    event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None, **_: Any
+async def _reconcile(namespace: str, name: str, kwargs: Mapping[str, Any]) -> bool:
+    runtime.indexes_ready.set()
+    facts = Facts.gather(namespace, kwargs)
+    return await _in_pool(reconcile_once, namespace, name, None, facts)
+
+
+@kopf.on.event(*MODELDEPLOYMENTS)
+async def modeldeployment_event(
+    event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None, **kwargs: Any
 ) -> None:
     if namespace is None:
         return  # cannot happen for a namespaced kind; keeps the types honest
+    runtime.indexes_ready.set()
     if event.get("type") == "DELETED":
-        admission.index.forget(namespace, name)
         reconcile.forget(namespace, name)
         runtime.drop_lock(namespace, name)
         return
-    admission.index.observe(dict(body))
     if reconcile.is_echo(body):
         return  # the watch echoing the status we just wrote: nothing new to act on
-    reconcile_by_name(namespace, name, dict(body))
+    facts = Facts.gather(namespace, kwargs)
+    await _in_pool(reconcile_once, namespace, name, dict(body), facts)
+
+
+def _reconcile_failed(status: kopf.Status, **_: Any) -> bool:
+    conditions = status.get("conditions") or []
+    return any(c.get("type") == "Reconciled" and c.get("status") == "False" for c in conditions)
+
+
+@kopf.timer(
+    *MODELDEPLOYMENTS, when=_reconcile_failed, initial_delay=RETRY_FIRST_S, interval=RETRY_MAX_S
+)
+async def retry_modeldeployment(name: str, namespace: str | None, **kwargs: Any) -> None:
+    """Retries a deployment whose last reconcile failed (no watch event may come to retry it:
+    an admission policy that refused its RayService was relaxed, the API server was away),
+    with backoff, until its status says Reconciled. kopf puts a finalizer on the object while
+    the timer runs, so that the timer is stopped before the object goes."""
+    if namespace and not await _reconcile(namespace, name, kwargs):
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (int(kwargs.get("retry", 0)) + 1))
+        raise kopf.TemporaryError("reconcile failed; its status says why", delay=delay)
 
 
 class ChildFilter:
@@ -160,7 +213,10 @@ def status_fingerprint(body: kopf.Body) -> object:
 child_filter = ChildFilter()
 
 
-def _owner_event(kind: str, event: kopf.RawEvent, body: kopf.Body, namespace: str | None) -> None:
+async def _owner_event(
+    kind: str, event: kopf.RawEvent, body: kopf.Body, namespace: str | None,
+    kwargs: Mapping[str, Any],
+) -> None:  # fmt: skip
     meta = body.get("metadata", {})
     if event.get("type") == "DELETED":
         children.cache.forget(kind, meta.get("namespace", ""), meta.get("name", ""))
@@ -168,35 +224,35 @@ def _owner_event(kind: str, event: kopf.RawEvent, body: kopf.Body, namespace: st
         children.cache.observe({"kind": kind, **dict(body)})
     owner = meta.get("labels", {}).get(DEPLOYMENT_LABEL)
     if owner and namespace and child_filter.changed(kind, event, body):
-        reconcile_by_name(namespace, owner)
+        await _reconcile(namespace, owner, kwargs)
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
-def rayservice_event(
-    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any
+async def rayservice_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **kwargs: Any
 ) -> None:
-    _owner_event("RayService", event, body, namespace)
+    await _owner_event("RayService", event, body, namespace, kwargs)
 
 
 @kopf.on.event("ray.io", "v1", "rayclusters", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
-def raycluster_event(
-    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any
+async def raycluster_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **kwargs: Any
 ) -> None:
-    _owner_event("RayCluster", event, body, namespace)
+    await _owner_event("RayCluster", event, body, namespace, kwargs)
 
 
 @kopf.on.event(
     "monitoring.coreos.com", "v1", "podmonitors", labels={DEPLOYMENT_LABEL: kopf.PRESENT}
 )
-def podmonitor_event(
-    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any
+async def podmonitor_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **kwargs: Any
 ) -> None:
-    _owner_event("PodMonitor", event, body, namespace)
+    await _owner_event("PodMonitor", event, body, namespace, kwargs)
 
 
 @kopf.on.event("", "v1", "persistentvolumeclaims")
-def claim_event(event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None,
-                **_: Any) -> None:  # fmt: skip
+async def claim_event(event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None,
+                      **kwargs: Any) -> None:  # fmt: skip
     """A claim appearing, binding or going away changes ModelSourceReady of the deployments
     whose pvc:// sources name it."""
     if namespace is None:
@@ -210,9 +266,9 @@ def claim_event(event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str
         after = children.cache.observed("PersistentVolumeClaim", namespace, name)
     if before is not None and after is not None and _phase(before) == _phase(after):
         return  # a resize or a label: nothing deployments report on
-    for item in admission.index.deployments(runtime.client(), namespace):
-        if name in model_claims(ModelDeployment.from_body(item)):
-            reconcile_by_name(namespace, item["metadata"]["name"])
+    for deployment in list(kwargs["deployments"].get(namespace, ())):
+        if name in deployment.claims:
+            await _reconcile(namespace, deployment.name, kwargs)
 
 
 def _phase(claim: dict[str, Any]) -> str | None:
@@ -221,8 +277,8 @@ def _phase(claim: dict[str, Any]) -> str | None:
 
 
 @kopf.on.event("", "v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
-def serving_pod_event(event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None,
-                      **_: Any) -> None:  # fmt: skip
+async def serving_pod_event(event: kopf.RawEvent, body: kopf.Body, name: str,
+                            namespace: str | None, **kwargs: Any) -> None:  # fmt: skip
     """A Ray pod that starts or stops failing (crash loop, image pull, bad config) changes its
     deployment's PodsHealthy condition."""
     owner = body.get("metadata", {}).get("labels", {}).get(DEPLOYMENT_LABEL)
@@ -230,13 +286,14 @@ def serving_pod_event(event: kopf.RawEvent, body: kopf.Body, name: str, namespac
         return
     problem = None if event.get("type") == "DELETED" else pod_problem(dict(body))
     if children.pod_problems.observe(namespace, owner, name, problem):
-        reconcile_by_name(namespace, owner)
+        await _reconcile(namespace, owner, kwargs)
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Our own Events say what happened; kopf's per-handler log events would be noise.
-    settings.posting.level = logging.WARNING
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our own Events say what happened; kopf's per-handler ones (a retry timer's temporary
+    # errors among them) would be noise, and API writes.
+    settings.posting.enabled = False
     settings.execution.max_workers = int(os.environ.get("TRAMONTANE_RECONCILE_WORKERS", "16"))
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -246,111 +303,149 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     managed = os.environ.get("TRAMONTANE_WEBHOOK_CONFIG", "tramontane.dev")
     settings.admission.managed = managed or None
     runtime.client()
+    # A replica that starts as the standby is known as one before it ever becomes active (see
+    # peering.Standing: its indexes are trusted only once they have been listed again).
+    await _in_pool(runtime.standing.trusts_indexes)
 
 
-def reconcile_tenant_by_name(name: str, with_deployments: bool = False) -> None:
+def _tenant_namespace(kwargs: Mapping[str, Any], name: str) -> str | None:
+    for namespace, store in kwargs["tenants_by_namespace"].items():
+        if any(tenant.name == name for tenant in store):
+            return str(namespace)
+    return None
+
+
+def reconcile_tenant_once(name: str, facts: Facts | None, with_deployments: bool) -> None:
     """Reconcile a Tenant; with_deployments: then its ModelDeployments (policy or tenant changed,
     so their placement and compliance may have)."""
     kube = runtime.client()
     with runtime.lock("", name):
         body = kube.get(TENANT, None, name)
-        if body is None:
+        if body is None or facts is None:
             tenants.condition_counts.update(name, None)
             return
-        tenants.reconcile_tenant(kube, body, runtime.tenant_options)
+        tenants.reconcile_tenant(kube, body, runtime.tenant_options, facts)
     if with_deployments:
-        namespace = body["spec"]["namespace"]
-        for item in kube.list_all(MODELDEPLOYMENT, namespace):
-            reconcile_by_name(namespace, item["metadata"]["name"])
+        for deployment in facts.deployments:
+            reconcile_once(facts.namespace, deployment.name, None, facts)
 
 
-_tenant_generations: dict[str, int] = {}
+async def _reconcile_tenant(name: str, kwargs: Mapping[str, Any], with_deployments: bool) -> None:
+    runtime.indexes_ready.set()
+    namespace = _tenant_namespace(kwargs, name)
+    facts = Facts.gather(namespace, kwargs, with_deployments=True) if namespace else None
+    await _in_pool(reconcile_tenant_once, name, facts, with_deployments)
 
 
-@kopf.on.event("tramontane.dev", "v1alpha1", "tenants")
-def tenant_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) -> None:
+@kopf.on.event(*TENANTS)
+async def tenant_event(event: kopf.RawEvent, body: kopf.Body, name: str, **kwargs: Any) -> None:
     if event.get("type") == "DELETED":
         tenants.condition_counts.update(name, None)
-        _tenant_generations.pop(name, None)
         return
-    # Only a spec change (e.g. another residency policy) can change its deployments; status
-    # updates (quota use) must not re-reconcile every deployment of the tenant. On first sight
-    # (operator start) the deployments' own initial events reconcile them.
-    generation = int(body.get("metadata", {}).get("generation", 0))
-    previous = _tenant_generations.get(name)
-    _tenant_generations[name] = generation
-    reconcile_tenant_by_name(name, with_deployments=previous is not None and previous != generation)
+    # Only a spec change (e.g. another residency policy) can change its deployments: one the
+    # status does not show as observed yet. Status updates (quota use) must not re-reconcile
+    # every deployment of the tenant; on first sight (operator start) the deployments' own
+    # initial events reconcile them.
+    generation = body.get("metadata", {}).get("generation")
+    observed = (body.get("status") or {}).get("observedGeneration")
+    await _reconcile_tenant(name, kwargs, with_deployments=observed != generation)
+
+
+@kopf.timer(*TENANTS, interval=TENANT_RESYNC_S, initial_delay=TENANT_RESYNC_S)
+async def resync_tenant(name: str, **kwargs: Any) -> None:
+    """Guard rails put back and quota use refreshed every TENANT_RESYNC_S, whatever the watches
+    brought (kopf keeps a finalizer on Tenants for it; the chart's webhook already needs the
+    operator to delete a Tenant)."""
+    await _reconcile_tenant(name, kwargs, with_deployments=False)
 
 
 @kopf.on.event("", "v1", "namespaces")
-def namespace_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) -> None:
+async def namespace_event(event: kopf.RawEvent, body: kopf.Body, name: str,
+                          **kwargs: Any) -> None:  # fmt: skip
     """A tenant namespace whose tramontane.dev/* labels were changed or removed (only the
     operator may, but a guard can be switched off) is relabelled by its Tenant's reconcile at
     once, and its deployments are re-reconciled: until then they fail closed (held: nothing
     applied, nothing removed)."""
-    if event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
+    runtime.indexes_ready.set()
+    if event.get("type") == "DELETED":
+        runtime.forget_namespace(name)
+        return
+    if body.get("metadata", {}).get("deletionTimestamp"):
         return  # a namespace going away takes nothing new
-    for tenant in tenants.claimants(runtime.client(), name):
+    for tenant in indexes.tenants_of(kwargs, name):
         if tenants.labels_drifted(dict(body), tenant):
             log.warning("namespace %s: tenant labels drifted; restoring (Tenant %s)", name,
                         tenant.name)  # fmt: skip
-            reconcile_tenant_by_name(tenant.name, with_deployments=True)
+            await _reconcile_tenant(tenant.name, kwargs, with_deployments=True)
 
 
 @kopf.on.event("", "v1", "resourcequotas", labels={TENANT_LABEL: kopf.PRESENT})
-def tenant_quota_event(body: kopf.Body, **_: Any) -> None:
-    """A tenant is only Ready once its quota is computed (see tenants.py)."""
-    reconcile_tenant_by_name(body["metadata"]["labels"][TENANT_LABEL])
+async def tenant_quota_event(body: kopf.Body, **kwargs: Any) -> None:
+    """A tenant is only Ready once its quota is computed (see tenants.py): the quota's status
+    update brings a waiting tenant to Ready. Once Ready, the quota's status follows every Ray pod
+    that comes and goes, and none of that changes the tenant (its resync timer re-applies it)."""
+    name = body["metadata"]["labels"][TENANT_LABEL]
+    if not indexes.tenant_is_ready(kwargs, name):
+        await _reconcile_tenant(name, kwargs, False)
 
 
-@kopf.on.event("tramontane.dev", "v1alpha1", "residencypolicies")
-def residency_policy_event(event: kopf.RawEvent, body: kopf.Body, name: str, **_: Any) -> None:
-    """Bind the admission policies to the policy's namespaces; then a changed (or new, or
-    deleted) policy re-reconciles every tenant that references it."""
+def _bind_policy(policy: ResidencyPolicy, deleted: bool, used: bool) -> None:
     kube = runtime.client()
-    users = tenants.users_of(kube, name)
-    bindings = render_bindings(ResidencyPolicy.from_body(dict(body)))
-    if event.get("type") != "DELETED":
+    bindings = render_bindings(policy)
+    if not deleted:
         for binding in bindings:
             kube.apply(binding, FIELD_MANAGER)
-    elif not users:
+    elif not used:
         # The bindings outlive their policy (no owner): with no param they refuse every Ray pod
         # and object in the namespaces still labelled with it. Unused, they can go.
         for binding in bindings:
             kube.delete(BINDING, None, binding["metadata"]["name"])
+
+
+@kopf.on.event("tramontane.dev", "v1alpha1", "residencypolicies")
+async def residency_policy_event(event: kopf.RawEvent, body: kopf.Body, name: str,
+                                 **kwargs: Any) -> None:  # fmt: skip
+    """Bind the admission policies to the policy's namespaces; then a changed (or new, or
+    deleted) policy re-reconciles every tenant that references it."""
+    users = indexes.policy_users(kwargs, name)
+    deleted = event.get("type") == "DELETED"
+    await _in_pool(_bind_policy, ResidencyPolicy.from_body(dict(body)), deleted, bool(users))
     for user in users:
-        reconcile_tenant_by_name(user, with_deployments=True)
+        await _reconcile_tenant(user, kwargs, with_deployments=True)
 
 
-@kopf.on.validate(
-    "tramontane.dev", "v1alpha1", "modeldeployments", operations=["CREATE", "UPDATE"],
-    id="modeldeployment",
-)  # fmt: skip
+@kopf.on.validate(*MODELDEPLOYMENTS, operations=["CREATE", "UPDATE"], id="modeldeployment")
 async def validate_modeldeployment(
-    body: kopf.Body, namespace: str | None, dryrun: bool, **_: Any
+    body: kopf.Body, namespace: str | None, dryrun: bool, **kwargs: Any
 ) -> None:
-    # Admission has its own threads: behind queued reconciles, API requests would time out.
+    """Admission from memory: on the active replica with its indexes filled, the namespace's
+    facts come from them and the only API call is the ledger's write (see admission.py)."""
     namespace = namespace or body.get("metadata", {}).get("namespace") or ""
-    await asyncio.get_running_loop().run_in_executor(
-        _admission_pool,
-        admission.validate_modeldeployment,
-        runtime.client(),
-        dict(body),
-        namespace,
-        dryrun,
-    )
+    async with runtime.admission_lock(namespace):
+        facts = None
+        if runtime.indexes_ready.is_set() and await _in_pool(
+            runtime.standing.trusts_indexes, pool=runtime.admission_pool
+        ):
+            facts = Facts.gather(namespace, kwargs, with_deployments=True, with_regions=True)
+        await _in_pool(
+            admission.validate_modeldeployment,
+            runtime.client(),
+            dict(body),
+            namespace,
+            dryrun,
+            facts,
+            pool=runtime.admission_pool,
+        )
 
 
-@kopf.on.validate(
-    "tramontane.dev", "v1alpha1", "tenants", operations=["DELETE"], id="tenant-delete"
-)
+@kopf.on.validate(*TENANTS, operations=["DELETE"], id="tenant-delete")
 async def validate_tenant_deletion(body: kopf.Body, **kwargs: Any) -> None:
     # On DELETE the reviewed object is the old one.
-    await asyncio.get_running_loop().run_in_executor(
-        _admission_pool,
+    await _in_pool(
         admission.validate_tenant_deletion,
         runtime.client(),
         dict(kwargs.get("old") or body),
+        pool=runtime.admission_pool,
     )
 
 
@@ -359,12 +454,9 @@ async def validate_tenant_deletion(body: kopf.Body, **kwargs: Any) -> None:
     id="residencypolicy-delete",
 )  # fmt: skip
 async def validate_policy_deletion(body: kopf.Body, **kwargs: Any) -> None:
-    await asyncio.get_running_loop().run_in_executor(
-        _admission_pool,
+    await _in_pool(
         admission.validate_policy_deletion,
         runtime.client(),
         dict(kwargs.get("old") or body),
+        pool=runtime.admission_pool,
     )
-
-
-_admission_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="admission")

@@ -19,15 +19,14 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from tramontane.api.conditions import ConditionStatus, find
-from tramontane.api.tenancy import ResidencyPolicy
 from tramontane.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus
-from tramontane.controller import children, telemetry, tenants
+from tramontane.controller import children, telemetry
+from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import (
     MODELDEPLOYMENT,
     PERSISTENTVOLUMECLAIM,
     RAYCLUSTER,
     RAYSERVICE,
-    RESIDENCYPOLICY,
     Kube,
 )
 from tramontane.policy.residency import (
@@ -79,7 +78,10 @@ def _status_of(body: dict[str, Any]) -> ModelDeploymentStatus | None:
         return None  # written by someone else in another shape: recompute from scratch
 
 
-def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderOptions) -> None:
+def reconcile_modeldeployment(
+    kube: Kube, body: dict[str, Any], options: RenderOptions, facts: Facts
+) -> None:
+    """`facts`: the namespace's tenancy as the indexes show it (see indexes.Facts)."""
     meta = body["metadata"]
     if meta.get("deletionTimestamp"):
         return  # garbage collection removes the children through their owner references
@@ -100,7 +102,7 @@ def reconcile_modeldeployment(kube: Kube, body: dict[str, Any], options: RenderO
         residency: tuple[ConditionStatus, str, str] | None = None
         rayservice: dict[str, Any] | None = None
         try:
-            residency, placement, options = _residency(kube, md, options)
+            residency, placement, options = _residency(facts, md, options)
             if residency[0] is ConditionStatus.FALSE:
                 _withdraw(kube, md, residency[2])
             elif residency[0] is ConditionStatus.UNKNOWN:
@@ -223,7 +225,7 @@ def is_echo(body: Mapping[str, Any]) -> bool:
 
 
 def _residency(
-    kube: Kube, md: ModelDeployment, options: RenderOptions
+    facts: Facts, md: ModelDeployment, options: RenderOptions
 ) -> tuple[tuple[ConditionStatus, str, str], list[dict[str, Any]], RenderOptions]:
     """The deployment's ResidencyCompliant verdict and the node placement its pods must get.
 
@@ -234,17 +236,16 @@ def _residency(
     A missing policy or a disallowed source is False: the deployment is withdrawn.
     """
     try:
-        tenant = tenants.owner_of(kube, md.namespace)
+        tenant = facts.owner()
     except TenancyError as error:
         return (ConditionStatus.UNKNOWN, error.reason, str(error)), [], options
     policy_name = tenant.spec.residency_policy
-    policy_body = kube.get(RESIDENCYPOLICY, None, policy_name)
-    if policy_body is None:
+    policy = facts.policy_of(tenant)
+    if policy is None:
         # Fail closed: without its policy we cannot know where the model may run.
         return (ConditionStatus.FALSE, "ResidencyPolicyNotFound",
                 f"ResidencyPolicy {policy_name!r} of tenant {tenant.name} "
                 "does not exist"), [], options  # fmt: skip
-    policy = ResidencyPolicy.from_body(policy_body)
     denied = disallowed_sources(md, policy.spec)
     if denied:
         return (ConditionStatus.FALSE, "ModelSourceNotAllowed",

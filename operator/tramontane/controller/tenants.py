@@ -9,11 +9,10 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from tramontane.api.conditions import Condition, ConditionStatus, set_condition
-from tramontane.api.tenancy import ResidencyPolicy, Tenant, TenantStatus
-from tramontane.api.v1alpha1 import ModelDeployment
+from tramontane.api.tenancy import Tenant, TenantStatus
 from tramontane.controller import telemetry
-from tramontane.controller.kube import MODELDEPLOYMENT, NAMESPACE, RESIDENCYPOLICY, TENANT, Kube
-from tramontane.policy.residency import gpus_at_max_scale
+from tramontane.controller.indexes import Facts
+from tramontane.controller.kube import NAMESPACE, TENANT, Kube
 from tramontane.render.rayservice import FIELD_MANAGER
 from tramontane.render.tenant import (
     TENANT_LABEL,
@@ -28,34 +27,16 @@ KIND = "Tenant"
 condition_counts = telemetry.TenantMetrics(KIND)
 
 
-def claimants(kube: Kube, namespace: str) -> list[Tenant]:
-    """The Tenants whose spec.namespace is `namespace` (one, or more if others are
-    NamespaceTaken)."""
-    return [
-        Tenant.from_body(item)
-        for item in kube.list_all(TENANT)
-        if (item.get("spec") or {}).get("namespace") == namespace
-    ]
-
-
 def users_of(kube: Kube, policy: str) -> list[str]:
-    """The Tenants living under ResidencyPolicy `policy` (one being deleted no longer does: its
-    namespace is going, and nothing new can be created in a terminating namespace)."""
+    """The Tenants living under ResidencyPolicy `policy`, from the API (the policy-deletion
+    webhook; handlers use indexes.policy_users). One being deleted no longer does: its
+    namespace is going, and nothing new can be created in a terminating namespace."""
     return [
         item["metadata"]["name"]
         for item in kube.list_all(TENANT)
         if (item.get("spec") or {}).get("residencyPolicy") == policy
         and not item["metadata"].get("deletionTimestamp")
     ]
-
-
-def owner_of(kube: Kube, namespace: str) -> Tenant:
-    """The Tenant that owns `namespace`; TenancyError when it has none or the labels disagree."""
-    body = kube.get(NAMESPACE, None, namespace)
-    if body is None:
-        raise TenancyError("NoTenant", f"namespace {namespace} does not exist")
-    labels = body.get("metadata", {}).get("labels") or {}
-    return owning_tenant(namespace, labels, claimants(kube, namespace))
 
 
 def labels_drifted(namespace: dict[str, Any], tenant: Tenant) -> bool:
@@ -91,14 +72,13 @@ def _quota_computed(quota: dict[str, Any]) -> bool:
 
 
 def _verdict(
-    tenant: Tenant, kube: Kube, options: TenantOptions, deployments: list[ModelDeployment]
+    tenant: Tenant, kube: Kube, options: TenantOptions, facts: Facts
 ) -> tuple[bool, str, str]:
     """Apply the tenant's objects if it can be done safely; say what happened."""
-    policy_body = kube.get(RESIDENCYPOLICY, None, tenant.spec.residency_policy)
-    if policy_body is None:
+    policy = facts.policy_of(tenant)
+    if policy is None:
         return (False, "ResidencyPolicyNotFound",
                 f"ResidencyPolicy {tenant.spec.residency_policy} does not exist")  # fmt: skip
-    policy = ResidencyPolicy.from_body(policy_body)
     existing = kube.get(NAMESPACE, None, tenant.spec.namespace)
     owner = ((existing or {}).get("metadata", {}).get("labels") or {}).get(TENANT_LABEL)
     if existing is not None and not _ours(existing, tenant):
@@ -106,11 +86,7 @@ def _verdict(
         message = f"namespace {tenant.spec.namespace} already exists and belongs to {whose}"
         return (False, "NamespaceTaken", message)
     quota_computed = True
-    deployments.extend(
-        ModelDeployment.from_body(item)
-        for item in kube.list_all(MODELDEPLOYMENT, tenant.spec.namespace)
-    )
-    upgrade_gpus = max((gpus_at_max_scale(md) for md in deployments), default=0)
+    upgrade_gpus = max((deployment.gpus for deployment in facts.deployments), default=0)
     for manifest in render_tenant(tenant, policy, options, upgrade_gpus):
         applied = kube.apply(manifest, FIELD_MANAGER)
         if manifest["kind"] == "ResourceQuota":
@@ -126,7 +102,10 @@ def _verdict(
             f"under residency policy {policy.name} ({policy.spec.jurisdiction})")  # fmt: skip
 
 
-def reconcile_tenant(kube: Kube, body: dict[str, Any], options: TenantOptions) -> None:
+def reconcile_tenant(
+    kube: Kube, body: dict[str, Any], options: TenantOptions, facts: Facts
+) -> None:
+    """`facts`: the tenant namespace's, with its deployments (indexes.Facts)."""
     if body["metadata"].get("deletionTimestamp"):
         return
     tenant = Tenant.from_body(body)
@@ -134,14 +113,14 @@ def reconcile_tenant(kube: Kube, body: dict[str, Any], options: TenantOptions) -
         "reconcile Tenant", attributes={"tramontane.tenant": tenant.name}
     ):
         result = "success"
-        deployments: list[ModelDeployment] = []  # filled once the namespace is known to be ours
         try:
-            verdict = _verdict(tenant, kube, options, deployments)
+            verdict = _verdict(tenant, kube, options, facts)
         except ApiException as error:
             result = "error"
             verdict = (False, "ApplyFailed", f"{error.status} {error.reason}")
             log.warning("tenant %s: apply failed: %s", tenant.name, error.body)
-        deployments = deployments if verdict[0] else []
+        # Counted once the namespace is known to be ours.
+        deployments = facts.deployments if verdict[0] else ()
         previous_raw = body.get("status") or {}
         previous = TenantStatus.model_validate(previous_raw) if previous_raw else None
         ready = Condition(
@@ -155,7 +134,7 @@ def reconcile_tenant(kube: Kube, body: dict[str, Any], options: TenantOptions) -
         status = TenantStatus(
             observed_generation=int(body["metadata"].get("generation", 0)),
             conditions=set_condition(list(previous.conditions) if previous else [], ready),
-            gpus_in_use=sum(gpus_at_max_scale(md) for md in deployments),
+            gpus_in_use=sum(deployment.gpus for deployment in deployments),
             model_deployments=len(deployments),
         )
         if previous is None or previous.to_wire() != status.to_wire():

@@ -59,17 +59,17 @@ def gpus_at_max_scale(md: ModelDeployment) -> int:
 
 def quota_violation(
     tenant: Tenant,
-    others: Iterable[ModelDeployment],
+    others: Mapping[str, int],
     candidate: ModelDeployment,
     admitted: Mapping[str, int] | None = None,
 ) -> str | None:
     """Why `candidate` (new or changed) would exceed the tenant's quota, or None.
 
-    `others` are the tenant's other deployments (the candidate's previous version excluded);
-    `admitted`: GPUs at maximum scale of deployments admitted but not among `others` yet (or
-    admitted with more GPUs than `others` shows), by name.
+    `others`: GPUs at maximum scale (gpus_at_max_scale) of the tenant's other deployments by
+    name (the candidate's previous version excluded); `admitted`: the same for deployments
+    admitted but not among `others` yet (or admitted with more GPUs than `others` shows).
     """
-    gpus = {md.name: gpus_at_max_scale(md) for md in others}
+    gpus = {name: used for name, used in others.items() if name != candidate.name}
     for name, admitted_gpus in (admitted or {}).items():
         if name != candidate.name:
             gpus[name] = max(gpus.get(name, 0), admitted_gpus)

@@ -832,6 +832,36 @@ def _terminate(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def stop(component: str, kill: bool = False) -> None:
+    """Stop one component (SIGKILL with `kill`, as a crash; else SIGTERM), for fault tests;
+    `up()` starts it again and keeps the others."""
+    pids = our_processes().get(component, [])
+    if kill:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        while any(_alive(p) for p in pids):
+            time.sleep(0.1)
+    else:
+        _terminate(pids)
+
+
+def start(component: str) -> None:
+    """Start one stopped component and wait until it is healthy, leaving the others alone (fault
+    tests: an API server restarted keeps its etcd, an etcd restarted keeps its API server)."""
+    if len(our_processes().get(component, [])) == 1 and HEALTH[component]():
+        return
+    deadline = time.monotonic() + 15
+    while any(_port_in_use(PORTS[name]) for name in COMPONENT_PORTS[component]):
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{component}'s ports are still in use 15 s after it stopped")
+        time.sleep(0.2)
+    argv, env = _argv(component)
+    pid = _spawn(component, argv, env)
+    _wait(component, HEALTH[component], timeout=90, pid=pid)
+    log(f"{component} healthy (pid {pid})")
+
+
 def up() -> None:
     """Start every component that is not running exactly once and healthy; keep the others."""
     _check_prerequisites()

@@ -51,8 +51,15 @@ SERVING_OTLP_ENDPOINT = "http://otel-collector.observability.svc:4318"
 class OperatorProcess:
     """The real operator (`python -m tramontane.controller`) as a child process."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, otlp_endpoint: str) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log_path: Path,
+        otlp_endpoint: str,
+        extra_environment: dict[str, str] | None = None,
+    ) -> None:
         self.kubeconfig = kubeconfig
+        self.extra_environment = extra_environment or {}
         self.otlp_endpoint = otlp_endpoint
         self.log_path = log_path
         self.port = _free_port()
@@ -76,6 +83,7 @@ class OperatorProcess:
             # Rendered into a tenant's serving pods only where its policy's telemetryEndpoints
             # list it (test_tenancy): nothing listens there, nothing here exports to it.
             "TRAMONTANE_SERVING_OTLP_ENDPOINT": SERVING_OTLP_ENDPOINT,
+            **self.extra_environment,
         }
 
     def start(self) -> None:

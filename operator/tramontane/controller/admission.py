@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,14 @@ class AdmissionLedger:
         return {name: int(entry.get("gpus", 0)) for name, entry in self._entries.items()}
 
     def record(self, name: str, gpus: int, seen: Mapping[str, int] | None = None) -> bool:
-        """Add an entry; False if someone wrote the ledger since `read` (read again).
+        """Add an entry; False if someone wrote the ledger since `read` (read again)."""
+        return self.record_all({name: gpus}, seen)
+
+    def record_all(
+        self, admitted: Mapping[str, int], seen: Mapping[str, int] | None = None
+    ) -> bool:
+        """Add entries (GPUs by name) in one write; False if someone wrote the ledger since
+        `read` (read again).
 
         `seen`: GPUs by name of the deployments the watch already shows (fresh indexes only);
         their entries are dropped, which keeps the Lease small under a burst of creates."""
@@ -166,7 +174,8 @@ class AdmissionLedger:
             other: entry for other, entry in self._entries.items()
             if seen is None or seen.get(other, -1) < int(entry.get("gpus", 0))
         }  # fmt: skip
-        entries[name] = {"gpus": gpus, "until": round(time.time() + self.TTL_S, 1)}
+        until = round(time.time() + self.TTL_S, 1)
+        entries.update({name: {"gpus": gpus, "until": until} for name, gpus in admitted.items()})
         meta: dict[str, Any] = {
             "name": self.NAME,
             "namespace": self.namespace,
@@ -267,31 +276,15 @@ def validate_modeldeployment(
     dry_run: bool = False,
     facts: Facts | None = None,
 ) -> None:
-    """Admit a ModelDeployment or raise why not.
-
-    `facts`: from the indexes (a current replica), else None and they are read from the API. A
-    refusal on the indexes' word is confirmed from the API first: an index can hold what was
-    deleted while this replica was paused, and that must not refuse anything.
-    """
-    try:
-        md = ModelDeployment.from_body(
-            {**body, "metadata": {**body["metadata"], "namespace": namespace}}
-        )
-    except ValidationError as error:
-        raise Invalid(error) from None
-    if facts is not None:
-        try:
-            _admit(kube, md, facts, dry_run, fresh_indexes=True)
-            return
-        except Denied as refusal:
-            log.info("%s/%s refused on the indexes' word, confirming from the API: %s",
-                     namespace, md.name, refusal)  # fmt: skip
-    _admit(kube, md, facts_from_api(kube, namespace), dry_run, fresh_indexes=False)
+    """Admit a ModelDeployment or raise why not (admit_all for one review)."""
+    review = Review(body, dry_run)
+    admit_all(kube, namespace, [review], facts)
+    if review.outcome is not None:
+        raise review.outcome
 
 
-def _admit(
-    kube: Kube, md: ModelDeployment, facts: Facts, dry_run: bool, *, fresh_indexes: bool
-) -> None:
+def _placement_check(md: ModelDeployment, facts: Facts) -> Tenant:
+    """Tenancy, residency policy, model sources and accelerator regions; the owning Tenant."""
     try:
         tenant = facts.owner()
     except TenancyError as error:
@@ -318,25 +311,101 @@ def _admit(
             f"spec.accelerator.type: no {md.spec.accelerator.type.value} nodes in the regions "
             f"ResidencyPolicy {policy.name} allows ({', '.join(policy.spec.regions)})"
         )
-    others = {d.name: d.gpus for d in facts.deployments if d.name != md.name}
-    wanted = gpus_at_max_scale(md)
-    ledger = ledgers.of(kube, md.namespace)
+    return tenant
+
+
+@dataclass
+class Review:
+    """One admission review of a ModelDeployment; `outcome` None once admitted."""
+
+    body: dict[str, Any]
+    dry_run: bool
+    outcome: BaseException | None = None
+
+
+def _admit(
+    kube: Kube, md: ModelDeployment, facts: Facts, dry_run: bool, *, fresh_indexes: bool
+) -> None:
+    review = Review({}, dry_run)
+    _decide(kube, md.namespace, [(review, md)], facts, fresh_indexes=fresh_indexes)
+    if review.outcome is not None:
+        raise review.outcome
+
+
+def _decide(
+    kube: Kube,
+    namespace: str,
+    reviews: list[tuple[Review, ModelDeployment]],
+    facts: Facts,
+    *,
+    fresh_indexes: bool,
+) -> None:
+    """Decide reviews of one namespace in order, as if one after the other, with at most one
+    ledger write for all of them (a 409 decides them all again)."""
+    candidates: list[tuple[Review, ModelDeployment, Tenant]] = []
+    for review, md in reviews:
+        try:
+            candidates.append((review, md, _placement_check(md, facts)))
+        except Denied as refusal:
+            review.outcome = refusal
+    if not candidates:
+        return
+    known = {d.name: d.gpus for d in facts.deployments}
+    ledger = ledgers.of(kube, namespace)
     with ledger.lock:
         for _ in range(AdmissionLedger.ATTEMPTS):
-            violation = quota_violation(tenant, others, md, admitted=ledger.read())
-            if violation:
-                raise Denied(f"spec.scaling.maxReplicas: {violation}")
-            current = next((d.gpus for d in facts.deployments if d.name == md.name), None)
-            if dry_run or (current is not None and wanted <= current):
-                return  # nothing to hold: it claims no more than the watch already counts
-            seen = {d.name: d.gpus for d in facts.deployments} if fresh_indexes else None
-            if ledger.record(md.name, wanted, seen):
+            admitted = ledger.read()
+            to_record: dict[str, int] = {}
+            for review, md, tenant in candidates:
+                others = {name: gpus for name, gpus in known.items() if name != md.name}
+                violation = quota_violation(tenant, others, md, admitted={**admitted, **to_record})
+                if violation:
+                    review.outcome = Denied(f"spec.scaling.maxReplicas: {violation}")
+                    continue
+                review.outcome = None
+                wanted, current = gpus_at_max_scale(md), known.get(md.name)
+                # Nothing to hold for a dry run, or a change that claims no more than the watch
+                # already counts.
+                if not review.dry_run and (current is None or wanted > current):
+                    to_record[md.name] = wanted
+            seen = known if fresh_indexes else None
+            if not to_record or ledger.record_all(to_record, seen):
                 return
-    raise kopf.AdmissionError(
-        f"too many concurrent changes to the ModelDeployments of namespace {md.namespace}: "
-        "try again",
-        code=409,
-    )
+    for review, _, _ in candidates:
+        review.outcome = kopf.AdmissionError(
+            f"too many concurrent changes to the ModelDeployments of namespace {namespace}: "
+            "try again",
+            code=409,
+        )
+
+
+def admit_all(kube: Kube, namespace: str, reviews: list[Review], facts: Facts | None) -> None:
+    """Decide reviews of one namespace that arrived together (see Review.outcome): from the
+    indexes with one ledger write for all, refusals confirmed from the API; without `facts`
+    (a standby), each from the API."""
+    parsed: list[tuple[Review, ModelDeployment]] = []
+    for review in reviews:
+        body = review.body
+        try:
+            md = ModelDeployment.from_body(
+                {**body, "metadata": {**body["metadata"], "namespace": namespace}}
+            )
+        except ValidationError as error:
+            review.outcome = Invalid(error)
+            continue
+        parsed.append((review, md))
+    if facts is not None:
+        _decide(kube, namespace, parsed, facts, fresh_indexes=True)
+        parsed = [(review, md) for review, md in parsed if isinstance(review.outcome, Denied)]
+        if parsed:
+            log.info("%d review(s) in %s refused on the indexes' word, confirming from the API",
+                     len(parsed), namespace)  # fmt: skip
+    for review, md in parsed:
+        try:
+            _admit(kube, md, facts_from_api(kube, namespace), review.dry_run, fresh_indexes=False)
+            review.outcome = None
+        except kopf.AdmissionError as error:
+            review.outcome = error
 
 
 def validate_tenant_deletion(kube: Kube, body: dict[str, Any]) -> None:

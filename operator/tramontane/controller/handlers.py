@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -63,7 +63,8 @@ class Runtime:
         self.indexes_ready = threading.Event()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._admission_locks: dict[str, asyncio.Lock] = {}
+        self._admission_queues: dict[str, list[tuple[admission.Review, asyncio.Future[None]]]] = {}
+        self._flushers: dict[str, asyncio.Task[None]] = {}
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -73,13 +74,26 @@ class Runtime:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
 
-    def admission_lock(self, namespace: str) -> asyncio.Lock:
-        """Held (on kopf's loop) from reading the indexes to recording in the ledger, so that
-        each review of a namespace sees what the ones before it admitted."""
-        return self._admission_locks.setdefault(namespace, asyncio.Lock())
+    def admission_queue(
+        self, namespace: str
+    ) -> list[tuple[admission.Review, asyncio.Future[None]]]:
+        """The namespace's reviews waiting for a decision (touched on kopf's loop only)."""
+        return self._admission_queues.setdefault(namespace, [])
+
+    def start_flusher(self, namespace: str, flusher: Coroutine[Any, Any, None]) -> None:
+        """Run `flusher` unless one already runs for the namespace (then it takes the queue);
+        one at a time per namespace, so that each batch sees what the ones before admitted."""
+        if namespace in self._flushers:
+            flusher.close()
+            return
+        self._flushers[namespace] = asyncio.get_running_loop().create_task(flusher)
+
+    def flusher_done(self, namespace: str) -> None:
+        self._flushers.pop(namespace, None)
 
     def forget_namespace(self, namespace: str) -> None:
-        self._admission_locks.pop(namespace, None)
+        if not self._admission_queues.get(namespace):
+            self._admission_queues.pop(namespace, None)
         admission.ledgers.forget(namespace)
 
     def client(self) -> Kube:
@@ -419,23 +433,52 @@ async def validate_modeldeployment(
     body: kopf.Body, namespace: str | None, dryrun: bool, **kwargs: Any
 ) -> None:
     """Admission from memory: on the active replica with its indexes filled, the namespace's
-    facts come from them and the only API call is the ledger's write (see admission.py)."""
+    facts come from them and the only API call is the ledger's write (see admission.py).
+
+    Reviews of one namespace are decided in arrival order by one flusher on kopf's loop: those
+    that arrive while a batch is being decided form the next batch, decided together with one
+    ledger write. Under a burst, a review waits for at most one batch before its own."""
     namespace = namespace or body.get("metadata", {}).get("namespace") or ""
-    async with runtime.admission_lock(namespace):
-        facts = None
-        if runtime.indexes_ready.is_set() and await _in_pool(
-            runtime.standing.trusts_indexes, pool=runtime.admission_pool
-        ):
-            facts = Facts.gather(namespace, kwargs, with_deployments=True, with_regions=True)
-        await _in_pool(
-            admission.validate_modeldeployment,
-            runtime.client(),
-            dict(body),
-            namespace,
-            dryrun,
-            facts,
-            pool=runtime.admission_pool,
-        )
+    review = admission.Review(dict(body), dryrun)
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    runtime.admission_queue(namespace).append((review, future))
+    runtime.start_flusher(namespace, _flush_reviews(namespace, kwargs))
+    await future
+    if review.outcome is not None:
+        raise review.outcome
+
+
+async def _flush_reviews(namespace: str, kwargs: Mapping[str, Any]) -> None:
+    try:
+        await _flush_queue(namespace, kwargs)
+    finally:
+        # No await since the queue was last seen empty: a review queued after this starts a
+        # new flusher.
+        runtime.flusher_done(namespace)
+
+
+async def _flush_queue(namespace: str, kwargs: Mapping[str, Any]) -> None:
+    queue = runtime.admission_queue(namespace)
+    while queue:
+        batch = list(queue)
+        queue.clear()
+        try:
+            facts = None
+            if runtime.indexes_ready.is_set() and await _in_pool(
+                runtime.standing.trusts_indexes, pool=runtime.admission_pool
+            ):
+                facts = Facts.gather(namespace, kwargs, with_deployments=True, with_regions=True)
+            reviews = [review for review, _ in batch]
+            await _in_pool(admission.admit_all, runtime.client(), namespace, reviews, facts,
+                           pool=runtime.admission_pool)  # fmt: skip
+        except Exception as error:  # every review of the batch gets the error (kopf: 500)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            continue
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
 
 
 @kopf.on.validate(*TENANTS, operations=["DELETE"], id="tenant-delete")

@@ -329,7 +329,10 @@ def demo_down() -> None:
     """Remove what `make demo` installed; the cluster keeps running."""
     _kubectl("delete", "md", "--all", "-n", DEMO_TENANT, "--ignore-not-found", "--wait=true",
              "--timeout=180s")  # fmt: skip
-    _kubectl("delete", "tenant", DEMO_TENANT, "--ignore-not-found", "--wait=false")
+    # Waited for while the release's operator runs: it removes kopf's finalizer from the Tenant
+    # (its resync timer), and nothing would once the release is gone.
+    _kubectl("delete", "tenant", DEMO_TENANT, "--ignore-not-found", "--wait=true",
+             "--timeout=120s")  # fmt: skip
     _kubectl("delete", "pv", f"{DEMO_TENANT}-models", "--ignore-not-found", "--wait=false")
     _kubectl("delete", "residencypolicy", DEMO_POLICY, "--ignore-not-found")
     helm("uninstall", DEMO_RELEASE, "-n", DEMO_RELEASE_NAMESPACE, "--wait", "--ignore-not-found",

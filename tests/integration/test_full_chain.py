@@ -202,6 +202,14 @@ def _tear_down(chain: Chain, policy: str, operator: OperatorProcess) -> None:
             "delete", "md", "--all", "-n", tenant, "--wait=true", "--timeout=300s", timeout=330
         ),
     )
+    # While the release's operator runs: it removes kopf's finalizer from the Tenant (its resync
+    # timer), and with the Tenant goes its namespace, then the volume's claim.
+    step(
+        "tenant",
+        lambda: cluster.run(
+            "delete", "tenant", tenant, "--wait=true", "--timeout=120s", timeout=150
+        ),
+    )
     step("helm uninstall", lambda: _uninstall(chain))
     # Whatever the operator did not get to: KubeRay removes the Ray pods with their objects.
     step(
@@ -219,7 +227,10 @@ def _tear_down(chain: Chain, policy: str, operator: OperatorProcess) -> None:
         ),
     )
     step("serving pods", lambda: _no_pods_left(cluster, tenant))
-    step("tenant", lambda: cluster.run("delete", "tenant", tenant, "--wait=false"))
+    step(
+        "tenant gone",
+        lambda: cluster.run("delete", "tenant", tenant, "--ignore-not-found", "--wait=false"),
+    )
     step("volume", lambda: cluster.run("delete", "pv", f"{tenant}-models", "--ignore-not-found"))
     step("policy", lambda: cluster.run("delete", "residencypolicy", policy, "--ignore-not-found"))
     step(

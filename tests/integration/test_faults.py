@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import ssl
 import time
 import urllib.request
 import uuid
@@ -473,3 +474,66 @@ def test_the_active_replica_killed_while_200_are_created_the_standby_takes_over(
         cluster.run("delete", "md", "--all", "-n", namespace, "--wait=true", "--timeout=180s",
                     check=False, timeout=200)  # fmt: skip
         cluster.run("delete", "tenant", namespace, "--wait=false", check=False)
+
+
+def _served_certificate(port: int) -> bytes:
+    """The certificate the webhook server presents (DER)."""
+    return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", port), timeout=5))
+
+
+def _der(pem_file: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem_file.read_text())
+
+
+def _ca_bundle(cluster: Kubectl) -> str:
+    configuration = cluster.json("get", "validatingwebhookconfiguration", "tramontane.dev")
+    return str(configuration["webhooks"][0]["clientConfig"].get("caBundle", ""))
+
+
+def test_the_webhook_certificate_rotated_while_the_operator_runs(
+    cluster: Kubectl,
+    operator: OperatorProcess,
+    otel_collector: Collector,
+    tenant_namespace: str,
+    tmp_path: Path,
+) -> None:
+    """A renewed certificate (cert-manager rewriting the mounted Secret: new key, new CA) is
+    served without a restart, and the webhook configuration kopf manages gets the new CA."""
+    namespace = tenant_namespace
+    (tmp_path / "first").mkdir()
+    (tmp_path / "renewed").mkdir()
+    certfile, keyfile = self_signed("127.0.0.1", tmp_path / "first")
+    environment = {"TRAMONTANE_WEBHOOK_CERT": str(certfile), "TRAMONTANE_WEBHOOK_KEY": str(keyfile)}
+    own = OperatorProcess(cluster.kubeconfig, operator.log_path.parent / "operator-rotation.log",
+                          otel_collector.endpoint, environment)  # fmt: skip
+    operator.stop()
+    try:
+        own.start()
+        eventually(lambda: cluster.create_status(sample(namespace, "before", adapters=[])) == 201,
+                   30, "a create admitted with the first certificate")  # fmt: skip
+        first_bundle = _ca_bundle(cluster)
+        assert _served_certificate(own.webhook_port) == _der(certfile)
+        renewed_cert, renewed_key = self_signed("127.0.0.1", tmp_path / "renewed")
+        keyfile.write_bytes(renewed_key.read_bytes())
+        certfile.write_bytes(renewed_cert.read_bytes())
+        rotated = time.monotonic()
+        eventually(lambda: _served_certificate(own.webhook_port) == _der(renewed_cert),
+                   30, "the renewed certificate served")  # fmt: skip
+        served = time.monotonic() - rotated
+        eventually(lambda: _ca_bundle(cluster) != first_bundle, 30, "the new CA in the webhook "
+                   "configuration")  # fmt: skip
+        attempts = iter(range(1000))
+        eventually(
+            lambda: (
+                cluster.create_status(sample(namespace, f"after-{next(attempts)}", adapters=[]))
+                == 201
+            ),
+            30,
+            "a create admitted with the renewed certificate",
+        )
+        print(f"\nrenewed certificate served {served:.1f} s after the files changed; creates "
+              f"admitted again after {time.monotonic() - rotated:.1f} s")  # fmt: skip
+        assert own.process is not None and own.process.poll() is None, "the operator restarted"
+    finally:
+        own.stop()
+        operator.start()

@@ -1,5 +1,10 @@
 """What the operator knows of its children between reconciles, from its own watches.
 
+RayClusters are kept trimmed (metadata, status, worker bounds), except for one whose spec at
+its current generation was not compared with the render yet: its whole spec stays until the
+drift check has seen it (a thousand full specs would cost megabytes; a GET per new cluster, a
+round trip on the API server).
+
 Server-side apply of an unchanged RayService writes nothing, but the API server still validates
 and defaults the whole object against KubeRay's large schema (~60 ms here, the dominant cost of a
 reconcile). So each apply is recorded as (uid, generation, hash of what we applied); while the
@@ -33,7 +38,15 @@ def _trimmed(body: dict[str, Any]) -> dict[str, Any]:
         "kind": body.get("kind"),
         "metadata": {
             key: meta[key]
-            for key in ("name", "namespace", "uid", "generation", "labels", "ownerReferences")
+            for key in (
+                "name",
+                "namespace",
+                "uid",
+                "generation",
+                "resourceVersion",
+                "labels",
+                "ownerReferences",
+            )
             if key in meta
         },
         "status": body.get("status") or {},
@@ -49,6 +62,11 @@ def _trimmed(body: dict[str, Any]) -> dict[str, Any]:
     return trimmed
 
 
+def _version(body: dict[str, Any]) -> tuple[str, int]:
+    meta = body.get("metadata", {})
+    return (str(meta.get("uid")), int(meta.get("generation", -1)))
+
+
 def manifest_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
@@ -62,8 +80,14 @@ class ChildCache:
         self._drift_checked: dict[Key, tuple[str, int]] = {}
 
     def observe(self, body: dict[str, Any]) -> None:
+        key = _key(body)
+        trimmed = _trimmed(body)
         with self._lock:
-            self._observed[_key(body)] = _trimmed(body)
+            if key[0] == "RayCluster" and self._drift_checked.get(key) != _version(trimmed):
+                # Kept whole until compared with the render (record_drift_check): the drift check
+                # of a new or changed cluster then needs no GET.
+                trimmed["fullSpec"] = body.get("spec") or {}
+            self._observed[key] = trimmed
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
@@ -72,21 +96,29 @@ class ChildCache:
             self._drift_checked.pop((kind, namespace, name), None)
 
     def drift_checked(self, namespace: str, name: str) -> bool:
-        """Whether the RayCluster's spec, as the watch last saw it (the cache keeps only its
-        metadata and bounds), was already compared with the render."""
+        """Whether the RayCluster's spec, as the watch last saw it, was already compared with
+        the render."""
         key = ("RayCluster", namespace, name)
         with self._lock:
-            meta = self._observed.get(key, {}).get("metadata", {})
-            seen = (str(meta.get("uid")), int(meta.get("generation", -1)))
-            return self._drift_checked.get(key) == seen
+            return self._drift_checked.get(key) == _version(self._observed.get(key, {}))
+
+    def unchecked_raycluster(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The RayCluster with its whole spec as the watch last saw it, if it was not compared
+        with the render yet (None: read it)."""
+        with self._lock:
+            observed = self._observed.get(("RayCluster", namespace, name))
+            if observed is None or "fullSpec" not in observed:
+                return None
+            return {"metadata": observed["metadata"], "spec": observed["fullSpec"]}
 
     def record_drift_check(self, raycluster: dict[str, Any]) -> None:
         meta = raycluster["metadata"]
+        key = ("RayCluster", meta["namespace"], meta["name"])
         with self._lock:
-            self._drift_checked[("RayCluster", meta["namespace"], meta["name"])] = (
-                str(meta.get("uid")),
-                int(meta.get("generation", -1)),
-            )
+            self._drift_checked[key] = _version(raycluster)
+            observed = self._observed.get(key)
+            if observed is not None and _version(observed) == self._drift_checked[key]:
+                observed.pop("fullSpec", None)
 
     def observed(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:

@@ -114,14 +114,15 @@ def reconcile_once(namespace: str, name: str, body: dict[str, Any] | None, facts
     """One reconcile, one at a time per ModelDeployment; False if it failed (status says why and
     the retry timer takes over).
 
-    Once we have written a deployment's status, the object is read fresh under the lock: a watch
-    event's body may predate that write and would make us report the same transition twice.
+    `body`: the object as the watch showed it (None: read it). A watched body may predate our
+    last status write: it is taken with that status (reconcile.as_last_written), and read afresh
+    if its spec is older than the one we last reconciled.
     """
     kube = runtime.client()
     with runtime.lock(namespace, name):
-        # A watch event's body is only trusted for a deployment we never wrote status to.
-        fresh = body is not None and not reconcile.has_written(namespace, name)
-        current = body if fresh else kube.get(MODELDEPLOYMENT, namespace, name)
+        current = reconcile.as_last_written(body) if body is not None else None
+        if current is None:
+            current = kube.get(MODELDEPLOYMENT, namespace, name)
         if current is None:
             reconcile.forget(namespace, name)
             runtime.drop_lock(namespace, name)
@@ -137,7 +138,8 @@ def reconcile_once(namespace: str, name: str, body: dict[str, Any] | None, facts
 async def _reconcile(namespace: str, name: str, kwargs: Mapping[str, Any]) -> bool:
     runtime.indexes_ready.set()
     facts = Facts.gather(namespace, kwargs)
-    return await _in_pool(reconcile_once, namespace, name, None, facts)
+    body = indexes.deployment_body(kwargs, namespace, name)
+    return await _in_pool(reconcile_once, namespace, name, body, facts)
 
 
 @kopf.on.event(*MODELDEPLOYMENTS)

@@ -87,6 +87,35 @@ def deployments(body: kopf.Body, namespace: str | None, **_: Any) -> dict[str, D
     return {namespace or "": deployment_facts(body)}
 
 
+@kopf.index("tramontane.dev", "v1alpha1", "modeldeployments")
+def modeldeployment_bodies(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each ModelDeployment as the watch last showed it, what a reconcile reads (no managed
+    fields, no last-applied annotation): reconciles triggered by a child need no GET."""
+    meta = body.get("metadata", {})
+    annotations = {
+        key: value for key, value in (meta.get("annotations") or {}).items()
+        if key != "kubectl.kubernetes.io/last-applied-configuration"
+    }  # fmt: skip
+    trimmed_meta = {key: value for key, value in meta.items() if key != "managedFields"}
+    trimmed_meta["annotations"] = annotations
+    trimmed: dict[str, Any] = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": trimmed_meta,
+        "spec": dict(body.get("spec") or {}),
+    }
+    if body.get("status"):
+        trimmed["status"] = dict(body["status"])
+    return {(namespace or "", name): trimmed}
+
+
+def deployment_body(indexes: Mapping[str, Any], namespace: str, name: str) -> dict[str, Any] | None:
+    found = indexes["modeldeployment_bodies"].get((namespace, name))
+    return _one(found) if found else None
+
+
 @kopf.index("tramontane.dev", "v1alpha1", "tenants")
 def tenants_by_namespace(body: kopf.Body, **_: Any) -> dict[str, Tenant] | None:
     """Tenants by the namespace they claim (one, or more when the later ones are

@@ -203,9 +203,19 @@ def _remember(md: ModelDeployment, status: dict[str, Any]) -> None:
         )
 
 
-def has_written(namespace: str, name: str) -> bool:
+def as_last_written(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The object to reconcile from a watched `body`, which may predate our last status write:
+    with the status we last wrote (what the next reconcile compares with, so no transition is
+    reported twice). None when `body` is older than the spec we last reconciled (read it)."""
+    meta = body.get("metadata", {})
     with _last_written_lock:
-        return (namespace, name) in _last_written
+        last = _last_written.get((meta.get("namespace"), meta.get("name")))
+    if last is None or last[0] != meta.get("uid"):
+        return dict(body)  # never written, or another object of the same name
+    _, generation, status = last
+    if int(meta.get("generation") or 0) < generation:
+        return None
+    return {**body, "status": status}
 
 
 def is_echo(body: Mapping[str, Any]) -> bool:
@@ -323,9 +333,11 @@ def _revert_drift(
         return
     if children.cache.drift_checked(md.namespace, name):
         return  # its spec has not changed since it was last found as rendered
-    # The cache keeps RayClusters trimmed (a thousand full specs would cost megabytes): the
-    # comparison needs the whole object, read once per change of its spec.
-    raycluster = kube.get(RAYCLUSTER, md.namespace, name)
+    # The comparison needs the whole spec: the cache keeps it until this check has seen it,
+    # else (a restart, a cluster first seen through a patch) it is read once.
+    raycluster = children.cache.unchecked_raycluster(md.namespace, name) or kube.get(
+        RAYCLUSTER, md.namespace, name
+    )
     if raycluster is None:
         return
     rendered = manifest["spec"]["rayClusterConfig"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 import logging
 import os
 import tempfile
@@ -28,7 +27,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
@@ -36,7 +34,6 @@ from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.controller import indexes, tenants
 from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import (
-    LEASE,
     MODELDEPLOYMENT,
     NAMESPACE,
     RESIDENCYPOLICY,
@@ -44,6 +41,7 @@ from tramontane.controller.kube import (
     Kind,
     Kube,
 )
+from tramontane.controller.peering import Mode
 from tramontane.policy.residency import disallowed_sources, gpus_at_max_scale, quota_violation
 from tramontane.render.tenant import TenancyError
 
@@ -109,116 +107,63 @@ def webhook_server() -> kopf.WebhookServer:
     )
 
 
-class AdmissionLedger:
-    """What the webhook admitted in a tenant's namespace that the watch may not show yet: GPUs
-    at maximum scale by deployment name, each for TTL_S, in the annotation of a Lease in the
-    namespace. Every operator replica serves the webhook; the ledger is how they agree.
+class InFlight:
+    """What this replica admitted that its facts may not show yet: GPUs at maximum scale by
+    deployment name, per namespace, each for TTL_S at most.
 
-    Admission reads it, checks the quota counting it, and writes it back with the
-    resourceVersion it read (compare-and-swap): of two replicas admitting at once, one write
-    fails with 409 and that request starts over with what the other admitted. Quota is thus
-    exact under any concurrency, across replicas. An entry outlives the create it stands for by
-    TTL_S at most (if a later admission step refused the object), which only errs towards
-    refusing. Tenant admins cannot write Leases; the operator's RBAC names this one.
-
-    The Lease as this process last wrote it is kept: in the steady state, admission reads
-    nothing and writes once. A write from elsewhere makes ours fail (409), and only then is the
-    Lease read again.
+    One replica decides at a time (peering.Standing.mode), and it decides a namespace's reviews
+    one batch after another (handlers._flush_queue): counting these entries makes its quota
+    exact under any concurrency without an API call. An entry goes as soon as the facts show
+    the deployment with at least its GPUs; one whose create failed after admission (another
+    webhook refused it) lingers for TTL_S, which only errs towards refusing.
     """
 
-    NAME = "tramontane-admission"
-    ANNOTATION = "tramontane.dev/admitted"
     TTL_S = 60.0
-    ATTEMPTS = 20
-
-    def __init__(self, kube: Kube, namespace: str) -> None:
-        self.kube = kube
-        self.namespace = namespace
-        self._lease: dict[str, Any] | None = None
-        self._known = False  # whether _lease is what the API had at our last read or write
-        self._entries: dict[str, dict[str, Any]] = {}
-        self.lock = threading.Lock()  # this process's requests do not race each other
-
-    def read(self) -> dict[str, int]:
-        """The unexpired entries, GPUs by name."""
-        if not self._known:
-            self._lease = self.kube.get(LEASE, self.namespace, self.NAME)
-            self._known = True
-        raw = ((self._lease or {}).get("metadata", {}).get("annotations") or {}).get(
-            self.ANNOTATION, "{}"
-        )
-        try:
-            entries = json.loads(raw)
-        except ValueError:
-            entries = {}
-        now = time.time()
-        self._entries = {
-            name: entry for name, entry in entries.items()
-            if isinstance(entry, dict) and float(entry.get("until", 0)) > now
-        }  # fmt: skip
-        return {name: int(entry.get("gpus", 0)) for name, entry in self._entries.items()}
-
-    def record(self, name: str, gpus: int, seen: Mapping[str, int] | None = None) -> bool:
-        """Add an entry; False if someone wrote the ledger since `read` (read again)."""
-        return self.record_all({name: gpus}, seen)
-
-    def record_all(
-        self, admitted: Mapping[str, int], seen: Mapping[str, int] | None = None
-    ) -> bool:
-        """Add entries (GPUs by name) in one write; False if someone wrote the ledger since
-        `read` (read again).
-
-        `seen`: GPUs by name of the deployments the watch already shows (fresh indexes only);
-        their entries are dropped, which keeps the Lease small under a burst of creates."""
-        entries = {
-            other: entry for other, entry in self._entries.items()
-            if seen is None or seen.get(other, -1) < int(entry.get("gpus", 0))
-        }  # fmt: skip
-        until = round(time.time() + self.TTL_S, 1)
-        entries.update({name: {"gpus": gpus, "until": until} for name, gpus in admitted.items()})
-        meta: dict[str, Any] = {
-            "name": self.NAME,
-            "namespace": self.namespace,
-            "labels": {"app.kubernetes.io/managed-by": "tramontane"},
-            "annotations": {self.ANNOTATION: json.dumps(entries, sort_keys=True)},
-        }
-        if self._lease is not None:
-            meta["resourceVersion"] = self._lease["metadata"]["resourceVersion"]
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta}
-        try:
-            if self._lease is None:
-                self._lease = self.kube.create(LEASE, self.namespace, body)
-            else:
-                self._lease = self.kube.replace(LEASE, self.namespace, self.NAME, body)
-        except ApiException as error:
-            # 409: written (or created) by another request meanwhile; 404: deleted since.
-            self._known = False
-            if error.status in (404, 409):
-                return False
-            raise
-        return True
-
-
-class Ledgers:
-    """One AdmissionLedger per namespace, dropped with the namespace."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._ledgers: dict[str, AdmissionLedger] = {}
+        self._entries: dict[str, dict[str, tuple[int, float]]] = {}
+        self._locks: dict[str, threading.Lock] = {}
 
-    def of(self, kube: Kube, namespace: str) -> AdmissionLedger:
+    def lock(self, namespace: str) -> threading.Lock:
         with self._guard:
-            ledger = self._ledgers.get(namespace)
-            if ledger is None:
-                ledger = self._ledgers[namespace] = AdmissionLedger(kube, namespace)
-            return ledger
+            return self._locks.setdefault(namespace, threading.Lock())
+
+    def admitted(
+        self, namespace: str, shown: Mapping[str, int], *, from_indexes: bool
+    ) -> dict[str, int]:
+        """The unexpired entries not yet in `shown` (GPUs by name, as the facts count them).
+
+        Only what the indexes show is dropped: an entry that the API already shows (a
+        refusal's confirmation, a resumed replica) must still count for the next decision
+        from the indexes, which may lag the API."""
+        now = time.monotonic()
+        with self._guard:
+            entries = {
+                name: (gpus, until)
+                for name, (gpus, until) in self._entries.get(namespace, {}).items()
+                if until > now
+            }
+            if from_indexes:
+                entries = {
+                    name: entry for name, entry in entries.items() if shown.get(name, -1) < entry[0]
+                }  # fmt: skip
+            self._entries[namespace] = entries
+        return {name: gpus for name, (gpus, _) in entries.items() if shown.get(name, -1) < gpus}
+
+    def record(self, namespace: str, admitted: Mapping[str, int]) -> None:
+        until = time.monotonic() + self.TTL_S
+        with self._guard:
+            entries = self._entries.setdefault(namespace, {})
+            entries.update({name: (gpus, until) for name, gpus in admitted.items()})
 
     def forget(self, namespace: str) -> None:
         with self._guard:
-            self._ledgers.pop(namespace, None)
+            self._entries.pop(namespace, None)
+            self._locks.pop(namespace, None)
 
 
-ledgers = Ledgers()
+in_flight = InFlight()
 
 
 class Denied(kopf.AdmissionError):
@@ -269,20 +214,6 @@ def facts_from_api(kube: Kube, namespace: str) -> Facts:
     )
 
 
-def validate_modeldeployment(
-    kube: Kube,
-    body: dict[str, Any],
-    namespace: str,
-    dry_run: bool = False,
-    facts: Facts | None = None,
-) -> None:
-    """Admit a ModelDeployment or raise why not (admit_all for one review)."""
-    review = Review(body, dry_run)
-    admit_all(kube, namespace, [review], facts)
-    if review.outcome is not None:
-        raise review.outcome
-
-
 def _placement_check(md: ModelDeployment, facts: Facts) -> Tenant:
     """Tenancy, residency policy, model sources and accelerator regions; the owning Tenant."""
     try:
@@ -321,27 +252,18 @@ class Review:
     body: dict[str, Any]
     dry_run: bool
     outcome: BaseException | None = None
-
-
-def _admit(
-    kube: Kube, md: ModelDeployment, facts: Facts, dry_run: bool, *, fresh_indexes: bool
-) -> None:
-    review = Review({}, dry_run)
-    _decide(kube, md.namespace, [(review, md)], facts, fresh_indexes=fresh_indexes)
-    if review.outcome is not None:
-        raise review.outcome
+    mode: Mode = Mode.API  # how it was decided
 
 
 def _decide(
-    kube: Kube,
     namespace: str,
     reviews: list[tuple[Review, ModelDeployment]],
     facts: Facts,
     *,
-    fresh_indexes: bool,
+    from_indexes: bool,
 ) -> None:
-    """Decide reviews of one namespace in order, as if one after the other, with at most one
-    ledger write for all of them (a 409 decides them all again)."""
+    """Decide reviews of one namespace in order, as if one after the other, counting what this
+    replica admitted before that `facts` do not show yet."""
     candidates: list[tuple[Review, ModelDeployment, Tenant]] = []
     for review, md in reviews:
         try:
@@ -351,38 +273,63 @@ def _decide(
     if not candidates:
         return
     known = {d.name: d.gpus for d in facts.deployments}
-    ledger = ledgers.of(kube, namespace)
-    with ledger.lock:
-        for _ in range(AdmissionLedger.ATTEMPTS):
-            admitted = ledger.read()
-            to_record: dict[str, int] = {}
-            for review, md, tenant in candidates:
-                others = {name: gpus for name, gpus in known.items() if name != md.name}
-                violation = quota_violation(tenant, others, md, admitted={**admitted, **to_record})
-                if violation:
-                    review.outcome = Denied(f"spec.scaling.maxReplicas: {violation}")
-                    continue
-                review.outcome = None
-                wanted, current = gpus_at_max_scale(md), known.get(md.name)
-                # Nothing to hold for a dry run, or a change that claims no more than the watch
-                # already counts.
-                if not review.dry_run and (current is None or wanted > current):
-                    to_record[md.name] = wanted
-            seen = known if fresh_indexes else None
-            if not to_record or ledger.record_all(to_record, seen):
-                return
-    for review, _, _ in candidates:
-        review.outcome = kopf.AdmissionError(
-            f"too many concurrent changes to the ModelDeployments of namespace {namespace}: "
-            "try again",
-            code=409,
+    with in_flight.lock(namespace):
+        admitted = in_flight.admitted(namespace, known, from_indexes=from_indexes)
+        for review, md, tenant in candidates:
+            violation = quota_violation(tenant, known, md, admitted=admitted)
+            if violation:
+                review.outcome = Denied(f"spec.scaling.maxReplicas: {violation}")
+                continue
+            review.outcome = None
+            wanted, current = gpus_at_max_scale(md), known.get(md.name)
+            # Nothing to hold for a dry run, or a change that claims no more than the facts
+            # already count.
+            if not review.dry_run and (current is None or wanted > current):
+                admitted[md.name] = wanted
+                in_flight.record(namespace, {md.name: wanted})
+
+
+class Confirmations:
+    """When each namespace's refusals were last checked against the API: at most one check per
+    namespace every INTERVAL_S, so that a tenant repeating refused creates costs the API server
+    a bounded number of reads (a refusal in between stands on the indexes' word)."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._last: dict[str, float] = {}
+
+    def take(self, namespace: str) -> bool:
+        now = time.monotonic()
+        with self._guard:
+            if now - self._last.get(namespace, -self.INTERVAL_S) < self.INTERVAL_S:
+                return False
+            self._last[namespace] = now
+            return True
+
+    def forget(self, namespace: str) -> None:
+        with self._guard:
+            self._last.pop(namespace, None)
+
+
+confirmations = Confirmations()
+
+
+class Standby(kopf.AdmissionError):
+    """This replica does not decide (another one does): 503, for the client to retry."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this tramontane operator replica is a standby and does not decide admissions (the "
+            "webhook Service routes to the deciding replica; this review came during a "
+            "hand-over): try again",
+            code=503,
         )
 
 
-def admit_all(kube: Kube, namespace: str, reviews: list[Review], facts: Facts | None) -> None:
-    """Decide reviews of one namespace that arrived together (see Review.outcome): from the
-    indexes with one ledger write for all, refusals confirmed from the API; without `facts`
-    (a standby), each from the API."""
+def _parse(namespace: str, reviews: list[Review]) -> list[tuple[Review, ModelDeployment]]:
+    """The reviews' deployments; those the models refuse get their outcome (422) here."""
     parsed: list[tuple[Review, ModelDeployment]] = []
     for review in reviews:
         body = review.body
@@ -394,18 +341,38 @@ def admit_all(kube: Kube, namespace: str, reviews: list[Review], facts: Facts | 
             review.outcome = Invalid(error)
             continue
         parsed.append((review, md))
-    if facts is not None:
-        _decide(kube, namespace, parsed, facts, fresh_indexes=True)
-        parsed = [(review, md) for review, md in parsed if isinstance(review.outcome, Denied)]
-        if parsed:
-            log.info("%d review(s) in %s refused on the indexes' word, confirming from the API",
-                     len(parsed), namespace)  # fmt: skip
-    for review, md in parsed:
-        try:
-            _admit(kube, md, facts_from_api(kube, namespace), review.dry_run, fresh_indexes=False)
-            review.outcome = None
-        except kopf.AdmissionError as error:
-            review.outcome = error
+    return parsed
+
+
+def admit_from_memory(
+    namespace: str, reviews: list[Review], facts: Facts
+) -> list[tuple[Review, ModelDeployment]]:
+    """Decide reviews of one namespace that arrived together from `facts` (the indexes), with
+    no I/O; returns the refusals to confirm from the API (confirm): a stale index may refuse,
+    never admit."""
+    parsed = _parse(namespace, reviews)
+    _decide(namespace, parsed, facts, from_indexes=True)
+    refused = [(review, md) for review, md in parsed if isinstance(review.outcome, Denied)]
+    if not refused or not confirmations.take(namespace):
+        return []
+    log.info("%d review(s) in %s refused on the indexes' word, confirming from the API",
+             len(refused), namespace)  # fmt: skip
+    return refused
+
+
+def confirm(kube: Kube, namespace: str, refused: list[tuple[Review, ModelDeployment]]) -> None:
+    _decide(namespace, refused, facts_from_api(kube, namespace), from_indexes=False)
+
+
+def admit_all(kube: Kube, namespace: str, reviews: list[Review], mode: Mode) -> None:
+    """Decide reviews of one namespace as a replica whose indexes may lag: from the API (API),
+    or not at all (STANDBY: refused, for a retry)."""
+    parsed = _parse(namespace, reviews)
+    if mode is Mode.STANDBY:
+        for review, _ in parsed:
+            review.outcome = Standby()
+    elif parsed:
+        _decide(namespace, parsed, facts_from_api(kube, namespace), from_indexes=False)
 
 
 def validate_tenant_deletion(kube: Kube, body: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -26,10 +27,18 @@ from typing import Any, TypeVar
 import kopf
 
 from tramontane.api.tenancy import ResidencyPolicy
-from tramontane.controller import admission, children, indexes, peering, reconcile, tenants
+from tramontane.controller import (
+    admission,
+    children,
+    indexes,
+    peering,
+    reconcile,
+    telemetry,
+    tenants,
+)
 from tramontane.controller import settings as environment
 from tramontane.controller.indexes import Facts
-from tramontane.controller.kube import BINDING, MODELDEPLOYMENT, TENANT, Kube
+from tramontane.controller.kube import BINDING, MODELDEPLOYMENT, POD, TENANT, Kube
 from tramontane.render.admission import render_bindings
 from tramontane.render.rayservice import DEPLOYMENT_LABEL, FIELD_MANAGER, RenderOptions
 from tramontane.render.status import pod_problem
@@ -42,6 +51,9 @@ TENANTS = ("tramontane.dev", "v1alpha1", "tenants")
 # A failed reconcile is retried after 2, 4, 8 … seconds, at most RETRY_MAX_S apart.
 RETRY_FIRST_S = 2.0
 RETRY_MAX_S = 30.0
+# The label of the replica that decides admissions: the webhook Service selects it (the chart).
+ADMISSION_LABEL = "tramontane.dev/admission"
+ADMISSION_LABEL_CHECK_S = 2.0
 # Every Tenant is reconciled this often (its guard rails re-applied, its quota use refreshed).
 TENANT_RESYNC_S = 60.0
 
@@ -65,6 +77,10 @@ class Runtime:
         self._locks_guard = threading.Lock()
         self._admission_queues: dict[str, list[tuple[admission.Review, asyncio.Future[None]]]] = {}
         self._flushers: dict[str, asyncio.Task[None]] = {}
+        self.label_keeper: asyncio.Task[None] | None = None
+        # Set once this replica knows whether it decides admissions and its pod label says so:
+        # part of readiness, so that `helm install --wait` returns with the webhook routed.
+        self.routed = threading.Event()
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -94,7 +110,8 @@ class Runtime:
     def forget_namespace(self, namespace: str) -> None:
         if not self._admission_queues.get(namespace):
             self._admission_queues.pop(namespace, None)
-        admission.ledgers.forget(namespace)
+        admission.in_flight.forget(namespace)
+        admission.confirmations.forget(namespace)
 
     def client(self) -> Kube:
         if self.kube is None:
@@ -305,6 +322,37 @@ async def serving_pod_event(event: kopf.RawEvent, body: kopf.Body, name: str,
         await _reconcile(namespace, owner, kwargs)
 
 
+def _label_own_pod(deciding: bool) -> None:
+    pod, namespace = os.environ.get("POD_ID", ""), os.environ.get("POD_NAMESPACE", "")
+    value = "decides" if deciding else None  # None: merge patch removes the label
+    patch = {"metadata": {"labels": {ADMISSION_LABEL: value}}}
+    runtime.client().merge_patch(POD, namespace, pod, patch)
+
+
+async def keep_admission_label() -> None:
+    """Label this replica's pod while it decides admissions, and only then: the webhook Service
+    selects that label, so reviews reach the one deciding replica (as Patroni routes to its
+    primary). Checked every ADMISSION_LABEL_CHECK_S; a restarted process removes the label its
+    pod kept from before. Without POD_NAMESPACE (not in a pod) only the metric is kept."""
+    labelled: bool | None = None
+    in_pod = bool(os.environ.get("POD_NAMESPACE"))
+    while True:
+        try:
+            mode = await admission_mode()
+            for each in peering.Mode:
+                telemetry.ADMISSION_MODE.labels(each.value).set(1 if each is mode else 0)
+            deciding = mode is not peering.Mode.STANDBY
+            if in_pod and deciding != labelled:
+                await _in_pool(_label_own_pod, deciding, pool=runtime.admission_pool)
+                log.info("admission: this replica %s", "decides" if deciding else "stands by")
+                labelled = deciding
+            if runtime.standing.announced:
+                runtime.routed.set()
+        except Exception:  # the API away: the label stays as it was until the next check
+            log.warning("admission label not updated; retried", exc_info=True)
+        await asyncio.sleep(ADMISSION_LABEL_CHECK_S)
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our own Events say what happened; kopf's per-handler ones (a retry timer's temporary
@@ -318,10 +366,18 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # needs no RBAC on webhook configurations): TRAMONTANE_WEBHOOK_CONFIG="" leaves it alone.
     managed = os.environ.get("TRAMONTANE_WEBHOOK_CONFIG", "tramontane.dev")
     settings.admission.managed = managed or None
+    settings.peering.lifetime = peering.LIFETIME_S
     runtime.client()
     # A replica that starts as the standby is known as one before it ever becomes active (see
     # peering.Standing: its indexes are trusted only once they have been listed again).
-    await _in_pool(runtime.standing.trusts_indexes)
+    await _in_pool(runtime.standing.mode)
+    runtime.label_keeper = asyncio.get_running_loop().create_task(keep_admission_label())
+
+
+@kopf.on.cleanup()
+async def stop_label_keeper(**_: Any) -> None:
+    if runtime.label_keeper is not None:
+        runtime.label_keeper.cancel()
 
 
 def _tenant_namespace(kwargs: Mapping[str, Any], name: str) -> str | None:
@@ -434,18 +490,20 @@ async def residency_policy_event(event: kopf.RawEvent, body: kopf.Body, name: st
 async def validate_modeldeployment(
     body: kopf.Body, namespace: str | None, dryrun: bool, **kwargs: Any
 ) -> None:
-    """Admission from memory: on the active replica with its indexes filled, the namespace's
-    facts come from them and the only API call is the ledger's write (see admission.py).
+    """Admission from memory: on the settled active replica, the namespace's facts come from
+    the indexes and nothing is read or written (see admission.InFlight and peering.Mode).
 
     Reviews of one namespace are decided in arrival order by one flusher on kopf's loop: those
-    that arrive while a batch is being decided form the next batch, decided together with one
-    ledger write. Under a burst, a review waits for at most one batch before its own."""
+    that arrive while a batch is being decided form the next batch. Under a burst, a review
+    waits for at most one batch before its own."""
+    started = time.perf_counter()
     namespace = namespace or body.get("metadata", {}).get("namespace") or ""
     review = admission.Review(dict(body), dryrun)
     future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     runtime.admission_queue(namespace).append((review, future))
     runtime.start_flusher(namespace, _flush_reviews(namespace, kwargs))
     await future
+    telemetry.ADMISSION_DURATION.labels(review.mode.value).observe(time.perf_counter() - started)
     if review.outcome is not None:
         raise review.outcome
 
@@ -459,20 +517,37 @@ async def _flush_reviews(namespace: str, kwargs: Mapping[str, Any]) -> None:
         runtime.flusher_done(namespace)
 
 
+async def admission_mode() -> peering.Mode:
+    """How this replica decides admissions now; an API call only when the cached view of the
+    peering expired (on a thread: never on kopf's loop)."""
+    mode = runtime.standing.cached_mode()
+    if mode is None:
+        mode = await _in_pool(runtime.standing.mode, pool=runtime.admission_pool)
+    if mode is peering.Mode.MEMORY and not runtime.indexes_ready.is_set():
+        return peering.Mode.API  # kopf has not filled the indexes yet
+    return mode
+
+
 async def _flush_queue(namespace: str, kwargs: Mapping[str, Any]) -> None:
     queue = runtime.admission_queue(namespace)
     while queue:
         batch = list(queue)
         queue.clear()
+        reviews = [review for review, _ in batch]
         try:
-            facts = None
-            if runtime.indexes_ready.is_set() and await _in_pool(
-                runtime.standing.trusts_indexes, pool=runtime.admission_pool
-            ):
+            mode = await admission_mode()
+            for review in reviews:
+                review.mode = mode
+            if mode is peering.Mode.MEMORY:
                 facts = Facts.gather(namespace, kwargs, with_deployments=True, with_regions=True)
-            reviews = [review for review, _ in batch]
-            await _in_pool(admission.admit_all, runtime.client(), namespace, reviews, facts,
-                           pool=runtime.admission_pool)  # fmt: skip
+                # Decided here on the loop (microseconds, no I/O): no thread hop.
+                refused = admission.admit_from_memory(namespace, reviews, facts)
+                if refused:
+                    await _in_pool(admission.confirm, runtime.client(), namespace, refused,
+                                   pool=runtime.admission_pool)  # fmt: skip
+            else:
+                await _in_pool(admission.admit_all, runtime.client(), namespace, reviews, mode,
+                               pool=runtime.admission_pool)  # fmt: skip
         except Exception as error:  # every review of the batch gets the error (kopf: 500)
             for _, future in batch:
                 if not future.done():

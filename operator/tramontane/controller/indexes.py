@@ -2,15 +2,15 @@
 
 kopf lists every indexed kind and fills these indexes before any handler runs, and keeps them
 current from the same watch streams that trigger the handlers. Admission and reconciles read
-them instead of asking the API server: the webhook's steady state makes no read at all (see
-admission.py for its one write, and docs/controller.md).
+them instead of asking the API server: the webhook's steady state makes no API call at all (see
+admission.py and docs/controller.md).
 
 Index functions run on kopf's event loop and so do the readers (`Facts.gather`): handlers take a
 snapshot of plain values on the loop and hand that to the threads that call the API.
 
 Two limits of kopf's indexes, and how we live with them:
 - They lag the API by a watch event (milliseconds). What admission lets through in that window
-  is covered by the admission ledger.
+  is covered by what the deciding replica counts as admitted in flight (admission.InFlight).
 - An object deleted while the replica was paused (peering standby) stays in them after kopf
   lists again (kopf adds what it lists, and removes only on DELETED events). A stale entry can
   only make us refuse (a quota counted twice, a second claimant for a namespace), never admit,
@@ -38,13 +38,12 @@ log = logging.getLogger(__name__)
 
 
 class DeploymentFacts(NamedTuple):
-    """A ModelDeployment as quota, claims and retries need it (a thousand full bodies would
-    cost megabytes)."""
+    """A ModelDeployment as quota and claims need it (a thousand full bodies would cost
+    megabytes)."""
 
     name: str
     gpus: int
     claims: tuple[str, ...]
-    reconciled: bool
 
 
 class NamespaceFacts(NamedTuple):
@@ -61,11 +60,6 @@ def _trimmed_metadata(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _reconciled(body: Mapping[str, Any]) -> bool:
-    conditions = (body.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Reconciled" and c.get("status") == "True" for c in conditions)
-
-
 def deployment_facts(body: Mapping[str, Any]) -> DeploymentFacts:
     name = str(body["metadata"]["name"])
     try:
@@ -77,8 +71,8 @@ def deployment_facts(body: Mapping[str, Any]) -> DeploymentFacts:
         gpus = int((spec.get("scaling") or {}).get("maxReplicas") or 1) * int(
             (spec.get("accelerator") or {}).get("count") or 0
         )
-        return DeploymentFacts(name, gpus, (), _reconciled(body))
-    return DeploymentFacts(name, gpus_at_max_scale(md), tuple(model_claims(md)), _reconciled(body))
+        return DeploymentFacts(name, gpus, ())
+    return DeploymentFacts(name, gpus_at_max_scale(md), tuple(model_claims(md)))
 
 
 @kopf.index("tramontane.dev", "v1alpha1", "modeldeployments")

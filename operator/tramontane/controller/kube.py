@@ -66,7 +66,7 @@ NAMESPACE = Kind("", "v1", "namespaces", namespaced=False)
 BINDING = Kind(
     "admissionregistration.k8s.io", "v1", "validatingadmissionpolicybindings", namespaced=False
 )
-LEASE = Kind("coordination.k8s.io", "v1", "leases")
+POD = Kind("", "v1", "pods")
 CLUSTERKOPFPEERING = Kind("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
 
 KINDS = {
@@ -227,15 +227,22 @@ class Kube:
             content_type="application/json-patch+json",
         )
 
+    def merge_patch(
+        self, kind: Kind, namespace: str | None, name: str, body: dict[str, Any],
+        subresource: str = "",
+    ) -> dict[str, Any]:  # fmt: skip
+        """RFC 7386 patch (a null removes a key)."""
+        return self._call(
+            "PATCH",
+            kind.path(namespace, name) + (f"/{subresource}" if subresource else ""),
+            body=body,
+            content_type="application/merge-patch+json",
+        )
+
     def patch_status(
         self, kind: Kind, namespace: str | None, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:
-        return self._call(
-            "PATCH",
-            kind.path(namespace, name) + "/status",
-            body={"status": status},
-            content_type="application/merge-patch+json",
-        )
+        return self.merge_patch(kind, namespace, name, {"status": status}, "status")
 
     def event(
         self,

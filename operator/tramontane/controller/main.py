@@ -25,7 +25,8 @@ def run(namespaces: list[str] | None = None) -> None:
     ready = threading.Event()
     port = int(os.environ.get("TRAMONTANE_METRICS_PORT", "8080"))
     host = os.environ.get("TRAMONTANE_METRICS_HOST", "0.0.0.0")  # noqa: S104 (pod network)
-    telemetry.serve_http(port, host, ready.is_set)
+    # Ready: kopf started, and this replica's webhook routing is settled (see handlers).
+    telemetry.serve_http(port, host, lambda: ready.is_set() and handlers.runtime.routed.is_set())
     # TRAMONTANE_PEERING names the ClusterKopfPeering that replicas share (set by the chart);
     # unset, the operator runs alone (development, tests).
     standing = handlers.runtime.standing

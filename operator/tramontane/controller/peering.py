@@ -4,17 +4,27 @@ kopf pauses an operator's watches, handlers and timers while a live peer with a 
 exists (and pauses all of them when priorities tie). Replicas of the Deployment take their
 priority from their start time, older is higher, so the first replica works and later ones wait
 until it is gone; a rolling update hands over when the old pod exits (kopf removes its record)
-or its record expires (`lifetime`, 60 s, after the last `lastseen`).
+or its record expires (LIFETIME_S after its last `lastseen`).
 
-Only the admission webhook runs outside that pause: the webhook Service reaches every replica.
-A paused replica's indexes stopped with its watches, so its webhook must not trust them; it asks
-`Standing.active()`, which applies kopf's rule to the peering record (read at most every
-CACHE_S seconds, so admission stays free of API calls in the steady state).
+Only the admission webhook runs outside that pause. Quota is exact because one replica decides
+at a time, counting what it admitted that its facts do not show yet (admission.InFlight); so
+`Standing.mode()` applies kopf's rule to the peering record (read at most every CACHE_S
+seconds: admission makes no API call in the steady state) and says how this replica decides:
+- MEMORY: the settled active replica, from its indexes;
+- API: the active replica from the API, while its indexes may lag (just resumed: kopf lists
+  everything again) or while its own record is about to expire (it may be superseded soon);
+- STANDBY: not at all (refused, "retry"): another replica decides. The webhook Service routes
+  to the replica labelled as deciding (see handlers.keep_admission_label), so a standby sees
+  reviews only while a hand-over propagates.
+A replica stops deciding from memory 1 s before the others may see its record expire (its own
+view of the record is at most CACHE_S old), and a resumed one decides from the API for SETTLE_S:
+two replicas never decide from memory at once.
 """
 
 from __future__ import annotations
 
 import datetime
+import enum
 import os
 import secrets
 import socket
@@ -31,10 +41,14 @@ from tramontane.controller.kube import CLUSTERKOPFPEERING, Kube
 # fresh install paused for good). The result stays within int64, as the API server stores it.
 _PRIORITY_ORIGIN_MS = 2**43
 _TIE_BREAK_BITS = 20
-# How stale the webhook's view of the peering may be. A replica paused less than this long ago
-# still trusts indexes that stopped at its pause; what others admitted since is in the admission
-# ledger (60 s), so the verdict stays exact.
-CACHE_S = 5.0
+# kopf's peering lifetime (its default is 60 s): how long a killed active replica blocks the
+# take-over; kopf refreshes a record every LIFETIME_S - 5..10 s.
+LIFETIME_S = 30
+# How stale the webhook's view of the peering may be.
+CACHE_S = 2.0
+# What a replica leaves between its last decision from memory and the earliest moment another
+# replica may see its record expire (covers a slow keepalive write and clock skew).
+MARGIN_S = 1.0
 # After a pause, kopf lists every kind again before its watches resume; until that is surely
 # over, the indexes may still miss what was created meanwhile.
 SETTLE_S = 30.0
@@ -49,15 +63,47 @@ def priority_from_start(started: float | None = None, tie_break: int | None = No
     return ((_PRIORITY_ORIGIN_MS - started_ms) << _TIE_BREAK_BITS) | tie_break
 
 
-def _alive(record: Mapping[str, Any], now: datetime.datetime) -> bool:
+class Mode(enum.Enum):
+    MEMORY = "memory"
+    API = "api"
+    STANDBY = "standby"
+
+
+def _age(record: Mapping[str, Any] | None, now: datetime.datetime) -> float | None:
+    """Seconds since the record's lastseen; None without a readable one."""
     try:
-        lastseen = datetime.datetime.fromisoformat(str(record["lastseen"]))
-        lifetime = datetime.timedelta(seconds=int(record.get("lifetime", 60)))
+        lastseen = datetime.datetime.fromisoformat(str((record or {})["lastseen"]))
     except (KeyError, ValueError):
-        return False
+        return None
     if lastseen.tzinfo is None:
         lastseen = lastseen.replace(tzinfo=datetime.UTC)
-    return lastseen + lifetime > now
+    return (now - lastseen).total_seconds()
+
+
+def _alive(record: Mapping[str, Any], now: datetime.datetime) -> bool:
+    age = _age(record, now)
+    try:
+        return age is not None and age < int(record.get("lifetime", 60))
+    except (TypeError, ValueError):
+        return False
+
+
+def mode_of(
+    peering_status: Mapping[str, Any], identity: str, priority: int, now: datetime.datetime
+) -> Mode:
+    """How a replica decides admissions, from the peering record (before SETTLE_S)."""
+    if not is_active(peering_status, identity, priority, now):
+        return Mode.STANDBY
+    own = peering_status.get(identity)
+    age = _age(own if isinstance(own, Mapping) else None, now)
+    if age is None:
+        return Mode.STANDBY  # kopf has not announced us yet: others may not know of us
+    lifetime = float((own or {}).get("lifetime", LIFETIME_S))
+    if age >= lifetime - MARGIN_S:
+        return Mode.STANDBY  # others may see us expired and take over
+    if age >= lifetime - CACHE_S - MARGIN_S:
+        return Mode.API  # a late keepalive: decide as a replica that may be superseded
+    return Mode.MEMORY
 
 
 def is_active(
@@ -82,26 +128,44 @@ class Standing:
         self.identity = os.environ.setdefault("POD_ID", f"{socket.gethostname()}-{os.getpid()}")
         self.priority = priority_from_start()
         self._lock = threading.Lock()
-        self._verdict: tuple[float, bool] | None = None
-        self._resumed_at: float | None = None  # when we last went from paused to active
+        self._verdict: tuple[float, Mode] | None = None
+        self._resumed_at: float | None = None  # when we last went from standby to deciding
+        # Whether kopf's record of this replica was seen: until then the standing is unknown.
+        self.announced = name is None
 
-    def trusts_indexes(self) -> bool:
-        """Whether this replica's indexes are current: it is the active one, and has been for
-        SETTLE_S if it was ever seen paused."""
+    def cached_mode(self) -> Mode | None:
+        """The mode if known without an API call (None: call mode() off the event loop)."""
         if self.name is None:
-            return True
+            return Mode.MEMORY
+        with self._lock:
+            if self._verdict is None or time.monotonic() - self._verdict[0] >= CACHE_S:
+                return None
+            return self._settled(self._verdict[1], time.monotonic())
+
+    def mode(self) -> Mode:
+        """How this replica decides admissions now (reads the peering record every CACHE_S)."""
+        if self.name is None:
+            return Mode.MEMORY
         with self._lock:
             now = time.monotonic()
             if self._verdict is None or now - self._verdict[0] >= CACHE_S:
                 body = self._client().get(CLUSTERKOPFPEERING, None, self.name) or {}
-                active = is_active(
-                    body.get("status") or {},
+                status = body.get("status") or {}
+                self.announced = self.announced or self.identity in status
+                mode = mode_of(
+                    status,
                     self.identity,
                     self.priority,
                     datetime.datetime.now(datetime.UTC),
                 )
-                if active and self._verdict is not None and not self._verdict[1]:
+                was = self._verdict[1] if self._verdict else None
+                if mode is not Mode.STANDBY and was is Mode.STANDBY:
                     self._resumed_at = now
-                self._verdict = (now, active)
-            settled = self._resumed_at is None or now - self._resumed_at >= SETTLE_S
-            return self._verdict[1] and settled
+                self._verdict = (now, mode)
+            return self._settled(self._verdict[1], now)
+
+    def _settled(self, mode: Mode, now: float) -> Mode:
+        resumed = self._resumed_at
+        if mode is Mode.MEMORY and resumed is not None and now - resumed < SETTLE_S:
+            return Mode.API
+        return mode

@@ -40,10 +40,23 @@ RECONCILE_DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
+ADMISSION_DURATION = Histogram(
+    "tramontane_admission_duration_seconds",
+    "Time from a ModelDeployment review reaching the handler to its decision, by mode.",
+    ["mode"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
 MANAGED = Gauge(
     "tramontane_managed_objects",
     "Managed objects by kind, condition type and condition status.",
     ["kind", "condition", "status"],
+    registry=REGISTRY,
+)
+ADMISSION_MODE = Gauge(
+    "tramontane_admission_mode",
+    "1 for how this replica decides admissions (memory, api, standby), 0 for the others.",
+    ["mode"],
     registry=REGISTRY,
 )
 BUILD_INFO = Gauge("tramontane_build_info", "Operator version.", ["version"], registry=REGISTRY)

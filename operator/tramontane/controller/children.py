@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from tramontane.render.status import PodProblem
@@ -196,3 +197,64 @@ class PodProblems:
 
 
 pod_problems = PodProblems()
+
+
+class ChildFilter:
+    """Lets through only the child events that can change what the owner's reconcile does.
+
+    KubeRay rewrites its objects' status often (timestamps, counters we don't read); reconciling
+    the owner for each of those would cost the API server writes-free but real round trips, and
+    queue behind the events that matter. A child's spec change (generation), its deletion and the
+    status fields that feed our status always pass.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str, str], object] = {}
+        self._lock = threading.Lock()
+
+    def changed(self, kind: str, event: Mapping[str, Any], body: dict[str, Any]) -> bool:
+        meta = body.get("metadata", {})
+        key = (kind, meta.get("namespace", ""), meta.get("name", ""))
+        with self._lock:
+            if event.get("type") == "DELETED":
+                self._seen.pop(key, None)
+                return True
+            fingerprint = (meta.get("generation"), status_fingerprint(body))
+            if self._seen.get(key) == fingerprint:
+                return False
+            self._seen[key] = fingerprint
+            return True
+
+    def record(self, kind: str, applied: dict[str, Any]) -> None:
+        """What our own apply returned: its watch event (the echo) then changes nothing."""
+        meta = applied.get("metadata", {})
+        with self._lock:
+            self._seen[(kind, meta.get("namespace", ""), meta.get("name", ""))] = (
+                meta.get("generation"),
+                status_fingerprint(applied),
+            )
+
+
+def status_fingerprint(body: Mapping[str, Any]) -> object:
+    status = body.get("status") or {}
+    if body.get("kind") == "RayCluster":
+        conditions = {c.get("type"): c.get("status") for c in status.get("conditions", [])}
+        return (
+            status.get("state"),
+            status.get("readyWorkerReplicas"),
+            status.get("availableWorkerReplicas"),
+            conditions.get("HeadPodReady"),
+        )
+    if body.get("kind") == "RayService":
+        return tuple(
+            (
+                key,
+                (status.get(key) or {}).get("rayClusterName"),
+                repr((status.get(key) or {}).get("applicationStatuses")),
+            )
+            for key in ("activeServiceStatus", "pendingServiceStatus")
+        )
+    return None
+
+
+child_filter = ChildFilter()

@@ -194,58 +194,6 @@ async def retry_modeldeployment(name: str, namespace: str | None, **kwargs: Any)
         raise kopf.TemporaryError("reconcile failed; its status says why", delay=delay)
 
 
-class ChildFilter:
-    """Lets through only the child events that can change what the owner's reconcile does.
-
-    KubeRay rewrites its objects' status often (timestamps, counters we don't read); reconciling
-    the owner for each of those would cost the API server writes-free but real round trips, and
-    queue behind the events that matter. A child's spec change (generation), its deletion and the
-    status fields that feed our status always pass.
-    """
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[str, str, str], object] = {}
-        self._lock = threading.Lock()
-
-    def changed(self, kind: str, event: kopf.RawEvent, body: kopf.Body) -> bool:
-        meta = body.get("metadata", {})
-        key = (kind, meta.get("namespace", ""), meta.get("name", ""))
-        with self._lock:
-            if event.get("type") == "DELETED":
-                self._seen.pop(key, None)
-                return True
-            fingerprint = (meta.get("generation"), status_fingerprint(body))
-            if self._seen.get(key) == fingerprint:
-                return False
-            self._seen[key] = fingerprint
-            return True
-
-
-def status_fingerprint(body: kopf.Body) -> object:
-    status = body.get("status") or {}
-    if body.get("kind") == "RayCluster":
-        conditions = {c.get("type"): c.get("status") for c in status.get("conditions", [])}
-        return (
-            status.get("state"),
-            status.get("readyWorkerReplicas"),
-            status.get("availableWorkerReplicas"),
-            conditions.get("HeadPodReady"),
-        )
-    if body.get("kind") == "RayService":
-        return tuple(
-            (
-                key,
-                (status.get(key) or {}).get("rayClusterName"),
-                repr((status.get(key) or {}).get("applicationStatuses")),
-            )
-            for key in ("activeServiceStatus", "pendingServiceStatus")
-        )
-    return None
-
-
-child_filter = ChildFilter()
-
-
 async def _owner_event(
     kind: str, event: kopf.RawEvent, body: kopf.Body, namespace: str | None,
     kwargs: Mapping[str, Any],
@@ -256,7 +204,7 @@ async def _owner_event(
     else:
         children.cache.observe({"kind": kind, **dict(body)})
     owner = meta.get("labels", {}).get(DEPLOYMENT_LABEL)
-    if owner and namespace and child_filter.changed(kind, event, body):
+    if owner and namespace and children.child_filter.changed(kind, event, dict(body)):
         await _reconcile(namespace, owner, kwargs)
 
 

@@ -19,6 +19,7 @@ Two limits of kopf's indexes, and how we live with them:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -84,9 +85,10 @@ def deployments(body: kopf.Body, namespace: str | None, **_: Any) -> dict[str, D
 @kopf.index("tramontane.dev", "v1alpha1", "modeldeployments")
 def modeldeployment_bodies(
     body: kopf.Body, namespace: str | None, name: str, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
+) -> dict[tuple[str, str], str]:
     """Each ModelDeployment as the watch last showed it, what a reconcile reads (no managed
-    fields, no last-applied annotation): reconciles triggered by a child need no GET."""
+    fields, no last-applied annotation): reconciles triggered by a child need no GET. Kept as
+    JSON text: a thousand bodies as Python dicts cost about 30 MB, as text a tenth of that."""
     meta = body.get("metadata", {})
     annotations = {
         key: value for key, value in (meta.get("annotations") or {}).items()
@@ -102,12 +104,13 @@ def modeldeployment_bodies(
     }
     if body.get("status"):
         trimmed["status"] = dict(body["status"])
-    return {(namespace or "", name): trimmed}
+    return {(namespace or "", name): json.dumps(trimmed, separators=(",", ":"))}
 
 
 def deployment_body(indexes: Mapping[str, Any], namespace: str, name: str) -> dict[str, Any] | None:
     found = indexes["modeldeployment_bodies"].get((namespace, name))
-    return _one(found) if found else None
+    text = _one(found) if found else None
+    return dict(json.loads(text)) if text else None
 
 
 @kopf.index("tramontane.dev", "v1alpha1", "tenants")

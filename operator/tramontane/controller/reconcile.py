@@ -309,6 +309,7 @@ def _apply_children(
         if applied is None:
             applied = kube.apply(manifest, FIELD_MANAGER)
             children.cache.record_apply(manifest, applied)
+            children.child_filter.record(manifest["kind"], applied)
         if manifest["kind"] == "RayService":
             rayservice = applied
             _sync_worker_bounds(kube, md, manifest, applied)
@@ -333,11 +334,9 @@ def _revert_drift(
         return
     if children.cache.drift_checked(md.namespace, name):
         return  # its spec has not changed since it was last found as rendered
-    # The comparison needs the whole spec: the cache keeps it until this check has seen it,
-    # else (a restart, a cluster first seen through a patch) it is read once.
-    raycluster = children.cache.unchecked_raycluster(md.namespace, name) or kube.get(
-        RAYCLUSTER, md.namespace, name
-    )
+    # The comparison needs the whole spec: the cache keeps it until this check has seen it.
+    # Not seen yet: its first event reconciles the deployment again.
+    raycluster = children.cache.unchecked_raycluster(md.namespace, name)
     if raycluster is None:
         return
     rendered = manifest["spec"]["rayClusterConfig"]
@@ -364,12 +363,10 @@ def _revert_drift(
     )
 
 
-def _raycluster(kube: Kube, md: ModelDeployment, name: str) -> dict[str, Any] | None:
-    """A RayCluster of the deployment as the watch last saw it (read if not seen yet)."""
-    raycluster = children.cache.observed("RayCluster", md.namespace, name)
-    if raycluster is None or "spec" not in raycluster:
-        raycluster = kube.get(RAYCLUSTER, md.namespace, name)
-    return raycluster
+def _raycluster(md: ModelDeployment, name: str) -> dict[str, Any] | None:
+    """A RayCluster of the deployment as the watch last saw it; None if not seen yet (its
+    first event reconciles the deployment again)."""
+    return children.cache.observed("RayCluster", md.namespace, name)
 
 
 def _patch_raycluster(
@@ -397,7 +394,7 @@ def _sync_worker_bounds(
         name = (status.get(key) or {}).get("rayClusterName")
         if not name:
             continue
-        raycluster = _raycluster(kube, md, name)
+        raycluster = _raycluster(md, name)
         operations = worker_bounds_patch(manifest, raycluster) if raycluster else []
         if not operations or not _patch_raycluster(kube, md, name, operations):
             continue

@@ -378,6 +378,8 @@ def main() -> int:
             result = run_once(n, tenants, api, operator.pid)
             result["operator_peak_rss_mib"] = _peak_rss_mib(operator.pid)
             result |= _reconcile_stats(18099)
+            _report(n, tenants, result)  # before the cleanup, which can take minutes
+            results.append(result)
             if not args.keep:  # while the operator (and its webhook) still runs
                 _cleanup(api, core, result["tenants"])
         finally:
@@ -386,32 +388,34 @@ def main() -> int:
                 operator.wait(20)
             except subprocess.TimeoutExpired:
                 operator.kill()
-        results.append(result)
-        cpu = result["cpu_seconds"]
-        print(
-            f"N={n:5d} over {tenants} tenant(s)  reconciled {result['reconciled']}/{n}  "
-            f"apply→Reconciled p50 {result['p50_seconds']:.3f}s  p99 {result['p99_seconds']:.3f}s  "
-            f"all created and Reconciled {result['all_converged_seconds']:.1f}s  "
-            f"(creates took {result['create_seconds']:.1f}s)\n"
-            f"         webhook p50 {result['webhook_p50_ms']:.1f} ms  p99 "
-            f"{result['webhook_p99_ms']:.1f} ms (API server's histogram; the handler's own p99 "
-            f"{result['admission_handler_p99_ms']:.1f} ms)  "
-            f"operator peak RSS {result['operator_peak_rss_mib']:.0f} MiB  "
-            f"({result['reconciles']:.0f} reconciles, "
-            f"mean {result['mean_reconcile_seconds'] * 1000:.0f} ms)\n"
-            "         CPU seconds over the run: "
-            + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items())
-            + f"\n         webhook one create at a time after the burst "
-            f"({QUIET_CREATES} dry runs): "
-            f"p50 {result['quiet_webhook_p50_ms']:.1f} ms  p99 "
-            f"{result['quiet_webhook_p99_ms']:.1f} ms (API server's histogram)"
-            + "\n         API requests per deployment (every client): "
-            + ", ".join(f"{k} {v}" for k, v in result["api_requests_per_deployment"].items()),
-            flush=True,
-        )
     print(json.dumps(results, indent=2))
     print(_summary(results))
     return 0
+
+
+def _report(n: int, tenants: int, result: dict[str, Any]) -> None:
+    cpu = result["cpu_seconds"]
+    print(
+        f"N={n:5d} over {tenants} tenant(s)  reconciled {result['reconciled']}/{n}  "
+        f"apply→Reconciled p50 {result['p50_seconds']:.3f}s  p99 {result['p99_seconds']:.3f}s  "
+        f"all created and Reconciled {result['all_converged_seconds']:.1f}s  "
+        f"(creates took {result['create_seconds']:.1f}s)\n"
+        f"         webhook p50 {result['webhook_p50_ms']:.1f} ms  p99 "
+        f"{result['webhook_p99_ms']:.1f} ms (API server's histogram; the handler's own p99 "
+        f"{result['admission_handler_p99_ms']:.1f} ms)  "
+        f"operator peak RSS {result['operator_peak_rss_mib']:.0f} MiB  "
+        f"({result['reconciles']:.0f} reconciles, "
+        f"mean {result['mean_reconcile_seconds'] * 1000:.0f} ms)\n"
+        "         CPU seconds over the run: "
+        + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items())
+        + f"\n         webhook one create at a time after the burst "
+        f"({QUIET_CREATES} dry runs): "
+        f"p50 {result['quiet_webhook_p50_ms']:.1f} ms  p99 "
+        f"{result['quiet_webhook_p99_ms']:.1f} ms (API server's histogram)"
+        + "\n         API requests per deployment (every client): "
+        + ", ".join(f"{k} {v}" for k, v in result["api_requests_per_deployment"].items()),
+        flush=True,
+    )
 
 
 def _summary(results: list[dict[str, Any]]) -> str:

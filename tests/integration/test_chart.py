@@ -80,10 +80,17 @@ def test_default_install_objects() -> None:
     kinds = sorted({d["kind"] for d in docs})
     assert kinds == sorted([
         "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "Job",
-        "NetworkPolicy", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount",
-        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+        "NetworkPolicy", "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Service",
+        "ServiceAccount", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
         "ValidatingWebhookConfiguration",
     ])  # fmt: skip
+    # The one namespaced Role: the deciding replica labels its own pod, and the webhook Service
+    # routes to that label only.
+    (role,) = by_kind(docs, "Role")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
+    services = {d["metadata"]["name"]: d for d in by_kind(docs, "Service")}
+    webhook_service = next(d for name, d in services.items() if "webhook" in name)
+    assert webhook_service["spec"]["selector"]["tramontane.dev/admission"] == "decides"
     # Monitoring objects are opt-in (they need the prometheus-operator CRDs).
     assert not {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"} & set(kinds)
 

@@ -78,6 +78,9 @@ class OperatorProcess:
             "TRAMONTANE_METRICS_HOST": "127.0.0.1",
             "TRAMONTANE_WEBHOOK_PORT": str(self.webhook_port),
             "PYTHONPATH": str(HERE.parent.parent / "operator"),
+            # Each process its own peering identity, as each pod has its name (never inherited
+            # from this process).
+            "POD_ID": f"operator-{self.port}",
             "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "200",
             # Rendered into a tenant's serving pods only where its policy's telemetryEndpoints

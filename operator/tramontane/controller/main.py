@@ -33,6 +33,7 @@ def run(namespaces: list[str] | None = None) -> None:
     # No stop_flag for kopf: it would wait for a threading.Event in its default executor, which
     # nothing sets on SIGTERM, and asyncio's shutdown joins that thread: the process never exited.
     kwargs: dict[str, Any] = {"ready_flag": ready}
+    os.environ["POD_ID"] = standing.identity  # kopf's identity among the peers: the same
     if standing.name is None:
         kwargs["standalone"] = True
     else:

@@ -124,8 +124,9 @@ class Standing:
     def __init__(self, name: str | None, client: Callable[[], Kube]) -> None:
         self.name = name
         self._client = client
-        # kopf identifies a peer by POD_ID (the chart sets the pod name); we need the same id.
-        self.identity = os.environ.setdefault("POD_ID", f"{socket.gethostname()}-{os.getpid()}")
+        # kopf identifies a peer by POD_ID (the chart sets the pod name); we need the same id,
+        # which main.run() hands to kopf (not here: importing the handlers must not set it).
+        self.identity = os.environ.get("POD_ID") or f"{socket.gethostname()}-{os.getpid()}"
         self.priority = priority_from_start()
         self._lock = threading.Lock()
         self._verdict: tuple[float, Mode] | None = None

@@ -39,6 +39,8 @@ from typing import Any
 
 import yaml
 
+from tramontane.api.serving import RAY_SERVE_ENV
+
 E2E_DIR = Path(__file__).resolve().parent
 REPO = E2E_DIR.parent
 STATE = Path(os.environ.get("TRAMONTANE_RAY_DIR", REPO / ".ray")).resolve()
@@ -53,6 +55,14 @@ PORTS = {
 }
 # Serve's HTTP port comes from the serve config (the operator renders 8000, as in the pod).
 WORKER_PORTS = (21000, 21999)  # clear of the local Kubernetes cluster's ports
+# Where ingress replicas serve HTTP themselves (Ray Serve's direct ingress, behind HAProxy):
+# Ray's default, 30000-31000, is the NodePort range of the local cluster's kube-proxy.
+DIRECT_INGRESS_ENV = {
+    "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "22000",
+    "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "22999",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "23000",
+    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": "23999",
+}
 INSTANCE_ENV = "TRAMONTANE_RAY_INSTANCE"  # marks every process of the instance
 
 
@@ -130,6 +140,9 @@ class LocalRay:
     gpus: int = 0
     accelerator: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Ray Serve's settings of the serving topology, as the operator renders them on a pod
+    # (empty: Ray's defaults, what vanilla Ray Serve LLM runs with).
+    serve_env: dict[str, str] = field(default_factory=lambda: dict(RAY_SERVE_ENV))
 
     @property
     def dashboard(self) -> str:
@@ -187,6 +200,8 @@ class LocalRay:
             **os.environ,
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "disabled",
+            **DIRECT_INGRESS_ENV,
+            **self.serve_env,
             **self.env,
         }
         env[INSTANCE_ENV] = str(temp_dir())

@@ -32,13 +32,14 @@ def test_rendered_sample_config_deploys_and_answers(sample_app: ServedApp) -> No
         assert body["usage"]["completion_tokens"] == 8
 
 
-def test_on_cpu_only_the_engine_asks_ray_for_a_cpu(sample_app: ServedApp) -> None:
-    """A CPU worker pod of N cores hosts N engines: the ingress and the engine's replica actor
-    ask no CPU of their own (the Ray head, which offers none, can host the ingress)."""
+def test_the_engine_replica_is_the_only_deployment_and_asks_no_cpu_of_its_own(
+    sample_app: ServedApp,
+) -> None:
+    """No Python hop in front of the engine: the application is the engine's deployment alone
+    (HAProxy reaches its replicas directly). On CPU its replica actor asks Ray for no CPU of its
+    own (the engine's placement bundle stands for the cores), so a worker of N cores hosts N."""
     status = httpx.get(f"{sample_app.ray.dashboard}/api/serve/applications/", timeout=30).json()
     deployments = status["applications"][sample_app.name]["deployments"]
-    (engine_name,) = [name for name in deployments if name.startswith("TramontaneLLMServer:")]
-    ingress = deployments["TramontaneIngress"]["deployment_config"]
-    engine = deployments[engine_name]["deployment_config"]
-    assert ingress["ray_actor_options"]["num_cpus"] == 0
-    assert engine["ray_actor_options"]["num_cpus"] == 0
+    assert list(deployments) == [f"TramontaneLLMServer:{sample_app.model}"]
+    (engine,) = deployments.values()
+    assert engine["deployment_config"]["ray_actor_options"]["num_cpus"] == 0

@@ -176,6 +176,11 @@ def test_lora_adapter_is_selected_by_its_name(sample_app: ServedApp, tokenizer: 
         ("negative max_tokens", 400),
         ("prompt longer than max_model_len", 400),
         ("adapter name in Ray's base:adapter form", 404),
+        ("wrong types", 400),
+        ("a JSON array instead of an object", 400),
+        ("a 10 MB body", 413),
+        ("a route of vLLM's that clients may not call", 404),
+        ("GET on a generation route", 405),
     ],
 )
 def test_bad_requests_get_openai_style_4xx_errors(
@@ -190,6 +195,21 @@ def test_bad_requests_get_openai_style_4xx_errors(
             )
         elif case == "unknown model":
             response = client.post("/v1/chat/completions", json=chat("gpt-4o"))
+        elif case == "wrong types":
+            response = client.post(
+                "/v1/chat/completions",
+                json={"model": sample_app.model, "messages": "Bonjour", "max_tokens": "eight"},
+            )
+        elif case == "a JSON array instead of an object":
+            response = client.post("/v1/completions", json=[sample_app.model, "Bonjour"])
+        elif case == "a 10 MB body":
+            response = client.post(
+                "/v1/chat/completions", json=chat(sample_app.model, "a" * 10_000_000)
+            )
+        elif case == "a route of vLLM's that clients may not call":
+            response = client.post("/tokenize", json={"prompt": "Bonjour"})
+        elif case == "GET on a generation route":
+            response = client.get("/v1/chat/completions")
         elif case == "negative max_tokens":
             response = client.post(
                 "/v1/chat/completions", json=chat(sample_app.model, max_tokens=-5)
@@ -239,15 +259,63 @@ def test_64_concurrent_streams_complete_without_errors(sample_app: ServedApp) ->
     assert all(r.completion_tokens == 32 for r in report.results)
 
 
-def usage_samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Our usage metrics on the Ray metrics endpoint: (sample name, labels) → value."""
+def test_a_client_that_disconnects_mid_stream_aborts_its_engine_request(
+    sample_app: ServedApp,
+) -> None:
+    """The engine stops generating for a client that is gone: its generated-tokens counter stops
+    far short of the tokens asked for, and its running-requests gauge comes back to 0. (vLLM
+    counts aborted requests nowhere else: its success counter has finished requests only.)"""
+    url = sample_app.ray.metrics_url
+    max_tokens = 8000  # minutes of generation here; the engine's context is 8192 tokens
+
+    def engine(name: str) -> float:
+        samples = ray_samples(url, "ray_vllm_")
+        return metric(samples, name, model_name=sample_app.model)
+
+    generated_before = engine("ray_vllm_generation_tokens_total")
+    long_generation = {
+        "model": sample_app.model,
+        "prompt": "Bonjour",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with (
+        sample_app.client() as client,
+        client.stream("POST", "/v1/completions", json=long_generation) as stream,
+    ):
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        received = [line for line, _ in zip(lines, range(6), strict=False) if line]
+    # Leaving the block closed the connection with nearly all of the generation still to come.
+    assert received
+    readings: list[float] = []
+
+    def generation_stopped() -> float | None:
+        readings.append(engine("ray_vllm_generation_tokens_total") - generated_before)
+        stopped = len(readings) >= 2 and readings[-1] == readings[-2]
+        idle = engine("ray_vllm_num_requests_running") == 0
+        return readings[-1] if stopped and idle and readings[-1] > 0 else None
+
+    # Ray's metrics agent exports every few seconds: equal readings 6 s apart mean it stopped.
+    generated = eventually(generation_stopped, timeout=90, what="generation to stop", interval=6)
+    assert generated < max_tokens / 2, readings
+
+
+def ray_samples(url: str, prefix: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of Ray's metrics endpoint whose name starts with prefix."""
     samples = {}
     for family in text_string_to_metric_families(httpx.get(url, timeout=30).text):
         for sample in family.samples:
-            if sample.name.startswith("ray_tramontane_"):
+            if sample.name.startswith(prefix):
                 labels = tuple(sorted(sample.labels.items()))
                 samples[(sample.name, labels)] = sample.value
     return samples
+
+
+def usage_samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Our usage metrics on the Ray metrics endpoint: (sample name, labels) → value."""
+    return ray_samples(url, "ray_tramontane_")
 
 
 def metric(

@@ -316,6 +316,16 @@ def test_every_ray_container_gets_the_otlp_endpoint_only_when_one_is_configured(
         assert not [e for e in container["env"] if e["name"].startswith("OTEL_")]
 
 
+def test_every_ray_container_runs_the_haproxy_ingress_topology() -> None:
+    """HAProxy (Ray Serve's HAProxy ingress) in every pod that may host a replica, and user code
+    on the replica's own loop: what tramontane.serving.app's direct ingress relies on."""
+    containers = all_containers(render_rayservice(md(), OPTIONS))
+    for container in containers:
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+
+
 def test_pvc_model_and_adapters_are_mounted_read_only_where_the_app_resolves_them() -> None:
     deployment = md(
         model={"uri": "pvc://llm-weights/llama/3.1-8b", "servedName": "llama-3.1-8b-instruct"},

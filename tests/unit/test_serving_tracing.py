@@ -21,11 +21,12 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from tramontane.serving import tracing
-from tramontane.serving.app import UsageMiddleware
+from tramontane.serving.front import UsageMiddleware
+from tramontane.serving.usage import UsageMetrics
 
 
 async def completions(request: Request) -> JSONResponse:
-    # What the ingress notes in the request's state (TramontaneIngress, StreamAccounting).
+    # What the inner layers note in the request's state (OpenAIFront, ResponseAccounting).
     request.state.model = "finance-reports"
     request.state.api_key = "app-a"
     request.state.streaming = False
@@ -45,7 +46,10 @@ def client() -> TestClient:
             Route("/v1/completions", broken, methods=["POST"]),
         ]
     )
-    app.add_middleware(UsageMiddleware, tenant="acme-finance", deployment="llama-3-8b")
+    metrics = UsageMetrics()
+    app.add_middleware(
+        UsageMiddleware, tenant="acme-finance", deployment="llama-3-8b", metrics=lambda: metrics
+    )
     return TestClient(app)
 
 

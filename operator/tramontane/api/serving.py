@@ -20,6 +20,17 @@ API_KEYS_MOUNT_PATH = "/etc/tramontane/api-keys"
 # where there are no pods: local runs and tests).
 MODEL_ROOT = "/mnt/models"
 
+# Ray Serve's settings for Tramontane's serving topology, set on every Ray container of a
+# RayService (tramontane.render.rayservice) and on the local Ray instance of tests and benchmarks:
+# - HAProxy is the HTTP ingress instead of Serve's Python proxy, and turns on direct ingress: the
+#   ingress replica serves HTTP itself, on a port of its own (tramontane.serving.app makes the
+#   engine's replica that ingress: no Python hop between HAProxy and the engine);
+# - user code runs on the replica's own event loop: no ASGI message crosses event loops.
+RAY_SERVE_ENV: dict[str, str] = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+}
+
 
 class ServingModel(ApiModel):
     uri: str = Field(description="Model URI from spec.model.uri (or a local path in dev).")

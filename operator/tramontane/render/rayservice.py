@@ -15,6 +15,7 @@ from tramontane.api.base import API_VERSION
 from tramontane.api.serving import (
     API_KEYS_MOUNT_PATH,
     MODEL_ROOT,
+    RAY_SERVE_ENV,
     ServingArgs,
     engine_deployment_name,
 )
@@ -296,6 +297,8 @@ def _container(
             # to hand the token to its dashboard calls (serve config deploys, health checks).
             # The dashboard is reachable only inside the tenant's namespace (NetworkPolicies).
             {"name": "RAY_AUTH_MODE", "value": "disabled"},
+            # The serving topology (HAProxy ingress, the engine's replica serving HTTP itself).
+            *({"name": name, "value": value} for name, value in RAY_SERVE_ENV.items()),
             *_tracing_env(options),
             *(engine_env or []),
         ],

@@ -35,6 +35,16 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path within the application: Ray Serve mounts an application at its route
+    prefix (scope["root_path"]), which the path still starts with (ASGI, as Starlette reads it)."""
+    path: str = scope["path"]
+    root = scope.get("root_path") or ""
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :] or "/"
+    return path
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -131,7 +141,7 @@ class ApiKeyMiddleware:
         self.on_refusal = on_refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or route_path(scope) in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope.get("headers", []))

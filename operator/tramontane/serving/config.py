@@ -13,23 +13,13 @@ import posixpath
 from typing import Any
 
 from tramontane.api.engine_args import typed_engine_args
-from tramontane.api.serving import MODEL_ROOT, ServingArgs
+from tramontane.api.serving import MODEL_ROOT, RAY_SERVE_ENV, ServingArgs
+
+__all__ = ["RAY_SERVE_ENV"]  # re-exported: local Ray instances (tests, benchmarks) set it too
 
 # Where `pvc://claim/path` URIs are found (api.serving.MODEL_ROOT in pods; local runs and tests
 # point it at a folder of their own).
 MODEL_ROOT_ENV = "TRAMONTANE_MODEL_ROOT"
-
-# Ray Serve LLM gathers streamed chunks for this long before passing them from the engine's
-# replica to the ingress (one message per batch instead of per token). Measured with
-# `make bench-serving` on 2 cores, 0 ms (a message per token) lost on every count: 64 streams
-# 310 → 396 tokens/s and TTFT p50 3.5 → 2.4 s with 50 ms; 4 streams 144 → 187 tokens/s and TTFT
-# p50 892 → 471 ms. The environment variable overrides it for tuning.
-STREAM_BATCHING_INTERVAL_MS = 50
-STREAM_BATCHING_ENV = "TRAMONTANE_STREAM_BATCHING_INTERVAL_MS"
-
-
-def stream_batching_interval_ms() -> float:
-    return float(os.environ.get(STREAM_BATCHING_ENV, STREAM_BATCHING_INTERVAL_MS))
 
 
 def model_root() -> str:
@@ -92,12 +82,6 @@ def engine_kwargs(args: ServingArgs) -> dict[str, Any]:
     return kwargs
 
 
-# The ingress relays requests (auth, names, usage) and asks Ray for no CPU, as Ray Serve LLM's own
-# router does: it runs beside the proxy on any node, the head included, which offers no CPU (the
-# operator renders num-cpus 0 there so that engines land on workers).
-INGRESS_ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0}
-
-
 def deployment_config(args: ServingArgs) -> dict[str, Any]:
     config: dict[str, Any] = {}
     if args.autoscaling is not None:
@@ -132,7 +116,6 @@ def llm_config(args: ServingArgs, root: str) -> dict[str, Any]:
         "engine_kwargs": engine_kwargs(args),
         "deployment_config": deployment_config(args),
         "placement_group_config": placement_group_config(args),
-        "experimental_configs": {"stream_batching_interval_ms": stream_batching_interval_ms()},
         # vLLM's own metrics (TTFT, KV-cache usage, queue depth) through Ray's metrics agent.
         "log_engine_metrics": True,
     }

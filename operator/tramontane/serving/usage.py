@@ -14,7 +14,6 @@ status) on requests and errors.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +24,6 @@ from ray.util import metrics  # type: ignore[import-not-found,unused-ignore]
 USAGE_TAGS = ("tenant", "deployment", "model", "api_key")
 TTFT_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 UNKNOWN = "unknown"
-
-# A streamed chunk that carries generated text: chat `"content":"x…"` or completions `"text":"x…"`.
-_GENERATED_TEXT = re.compile(r'"(?:content|text)":"[^"]')
-_USAGE = re.compile(r'"usage":\{[^}]*"prompt_tokens":(\d+)[^}]*"completion_tokens":(\d+)')
 
 
 @dataclass
@@ -67,20 +62,3 @@ class UsageMetrics:
             boundaries=TTFT_BOUNDARIES,
             tag_keys=USAGE_TAGS,
         )
-
-
-def carries_text(packet: str) -> bool:
-    return _GENERATED_TEXT.search(packet) is not None
-
-
-def stream_usage(packet: str) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of a streamed usage chunk, if the packet holds one."""
-    if '"usage":{' not in packet:
-        return None
-    match = _USAGE.search(packet)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def is_usage_only(packet: str) -> bool:
-    """The final chunk that `stream_options.include_usage` adds (no choices, only usage)."""
-    return '"choices":[]' in packet and '"usage":{' in packet

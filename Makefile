@@ -85,7 +85,7 @@ crds: venv ## Regenerate crds/, policies/admission/ and policies/guard/ from the
 bench-operator: cluster ## Benchmark: N=100 and N=1000 ModelDeployments to Reconciled, operator RSS
 	@$(IN_CLUSTER) $(PY) e2e/bench_operator.py --sizes $${BENCH_SIZES:-100,1000}
 
-bench-serving: venv-serving ## Benchmark: the serving app vs bare vLLM (tokens/s, TTFT); BENCH_ROUNDS etc.
+bench-serving: venv-serving ## Benchmark: the app vs bare vLLM and vanilla Ray Serve LLM, engine pinned to CPU 0; ends with a summary: line
 	@$(SPY) e2e/bench_serving.py
 
 lint: venv ## ruff, mypy (strict), the import-layer contracts and hadolint (images/)

@@ -23,7 +23,6 @@ Serve's autoscaling still counts each replica's ongoing requests (direct ingress
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, ClassVar
 
 from ray import serve  # type: ignore[import-not-found,unused-ignore]
@@ -56,8 +55,6 @@ from tramontane.serving import config
 from tramontane.serving.auth import ApiKeyMiddleware, KeyStore
 from tramontane.serving.front import OpenAIFront, UsageMiddleware
 from tramontane.serving.usage import UsageMetrics
-
-log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 5.0
 

@@ -17,7 +17,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,24 @@ def error_body(message: str, *, type_: str, code: str | None) -> bytes:
     ).encode()
 
 
+def json_messages(
+    status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> list[Message]:
+    """The ASGI messages of a whole JSON response."""
+    return [
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        },
+        {"type": "http.response.body", "body": body},
+    ]
+
+
 MISSING_KEY = (
     "You didn't provide an API key. Pass it in the Authorization header "
     "(Authorization: Bearer YOUR_KEY)."
@@ -157,15 +175,5 @@ class ApiKeyMiddleware:
     @staticmethod
     async def _refuse(send: Send, message: str) -> None:
         body = error_body(message, type_="invalid_request_error", code="invalid_api_key")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="tramontane"'),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        for part in json_messages(401, body, [(b"www-authenticate", b'Bearer realm="tramontane"')]):
+            await send(part)

@@ -32,6 +32,7 @@ from tramontane.serving.auth import (
     Scope,
     Send,
     error_body,
+    json_messages,
     route_path,
 )
 from tramontane.serving.usage import UNKNOWN, UsageMetrics
@@ -53,25 +54,8 @@ LoadAdapter = Callable[[str], Awaitable[None]]
 Readiness = Callable[[], Awaitable[str | None]]  # None when ready, else why not
 
 
-def _json_messages(
-    status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
-) -> list[Message]:
-    return [
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        },
-        {"type": "http.response.body", "body": body},
-    ]
-
-
 async def send_json(send: Send, status: int, payload: Any) -> None:
-    for message in _json_messages(status, json.dumps(payload).encode()):
+    for message in json_messages(status, json.dumps(payload).encode()):
         await send(message)
 
 
@@ -79,7 +63,7 @@ async def send_error(
     send: Send, status: int, message: str, *, type_: str, code: str | None = None
 ) -> None:
     """An error in the OpenAI API's shape (what vLLM and OpenAI's clients use)."""
-    for part in _json_messages(status, error_body(message, type_=type_, code=code)):
+    for part in json_messages(status, error_body(message, type_=type_, code=code)):
         await send(part)
 
 

@@ -20,7 +20,7 @@ export TRAMONTANE_CLUSTER_PROFILE ?= $(if $(filter 0,$(shell id -u)),node,kwok)
 IN_CLUSTER := $(if $(filter node,$(TRAMONTANE_CLUSTER_PROFILE)),e2e/netns.sh exec,)
 CLUSTER := $(IN_CLUSTER) $(PY) e2e/localcluster.py
 
-.PHONY: bench-operator bench-serving crds help venv venv-serving demo-down serve-down binaries otelcol prometheus cluster cluster-down cluster-status demo lint format test test-unit test-integration test-serving
+.PHONY: bench-operator bench-serving crds docs help venv venv-serving demo-down serve-down binaries otelcol prometheus cluster cluster-down cluster-status demo lint format test test-unit test-integration test-serving
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ crds: venv ## Regenerate crds/, policies/admission/ and policies/guard/ from the
 	@cp crds/*.yaml charts/tramontane/crds/
 	@cp policies/admission/*.yaml charts/tramontane/files/admission/
 	@mkdir -p charts/tramontane/files/guard && cp policies/guard/*.yaml charts/tramontane/files/guard/
+
+docs: venv ## Regenerate docs/api.md (from the CRDs) and the chart's README.md (from values.yaml's `# --` comments); tests fail when stale
+	@$(PY) -m tramontane.cli docs --api docs/api.md --chart charts/tramontane
 
 bench-operator: cluster ## Benchmark: N=100 and N=1000 ModelDeployments to Reconciled, operator RSS
 	@$(IN_CLUSTER) $(PY) e2e/bench_operator.py --sizes $${BENCH_SIZES:-100,1000}

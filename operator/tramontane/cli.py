@@ -10,6 +10,7 @@ import yaml
 
 from tramontane import __version__
 from tramontane.api.crd import all_crds
+from tramontane.docs import render_api_reference, render_chart_readme
 from tramontane.render.admission import render_admission_policies
 from tramontane.render.guard import render_guard_policies
 
@@ -44,6 +45,18 @@ def _write_guard_policies(output: Path) -> None:
     print(f"wrote {output / GUARD_POLICIES}", file=sys.stderr)
 
 
+def _write_docs(api: Path, chart: Path, chart_readme: Path) -> None:
+    api.parent.mkdir(parents=True, exist_ok=True)
+    api.write_text(render_api_reference(all_crds()))
+    print(f"wrote {api}", file=sys.stderr)
+    readme = render_chart_readme(
+        (chart / "Chart.yaml").read_text(), (chart / "values.yaml").read_text()
+    )
+    chart_readme.parent.mkdir(parents=True, exist_ok=True)
+    chart_readme.write_text(readme)
+    print(f"wrote {chart_readme}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tramontane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tramontane {__version__}")
@@ -58,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         "guard-policies", help="write the tenant-guard ValidatingAdmissionPolicies (templates)"
     )
     guard.add_argument("--output", type=Path, default=Path("policies/guard"))
+    docs = sub.add_parser(
+        "docs", help="write the API reference (from the CRDs) and the chart's README (values.yaml)"
+    )
+    docs.add_argument("--api", type=Path, default=Path("docs/api.md"))
+    docs.add_argument("--chart", type=Path, default=Path("charts/tramontane"), help="read from")
+    docs.add_argument("--chart-readme", type=Path, help="default: the chart's README.md")
     operator = sub.add_parser("operator", help="run the operator (kopf)")
     operator.add_argument("--namespace", action="append", default=[], help="watch only these")
     return parser
@@ -71,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         _write_admission_policies(args.output)
     elif args.command == "guard-policies":
         _write_guard_policies(args.output)
+    elif args.command == "docs":
+        _write_docs(args.api, args.chart, args.chart_readme or args.chart / "README.md")
     elif args.command == "operator":
         from tramontane.controller.main import run  # noqa: PLC0415 (kopf only when running)
 

@@ -4,13 +4,14 @@ tests/integration/test_chart.py for helm lint/template/install)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
+
+from tramontane.docs import value_descriptions
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tramontane"
@@ -51,34 +52,10 @@ def _leaves(values: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def _documented_paths(lines: list[str]) -> dict[str, bool]:
-    """Dotted path of every key line in values.yaml → whether a `# --` comment introduces it
-    (the comment may continue over several `#` lines)."""
-    found: dict[str, bool] = {}
-    stack: list[tuple[int, str]] = []
-    for number, line in enumerate(lines):
-        match = re.match(r"^( *)([A-Za-z0-9_]+):", line)
-        if not match:
-            continue
-        indent = len(match.group(1))
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        stack.append((indent, match.group(2)))
-        above = number - 1
-        while above >= 0 and lines[above].lstrip().startswith("#"):
-            if lines[above].lstrip().startswith("# --"):
-                break
-            above -= 1
-        found[".".join(key for _, key in stack)] = above >= 0 and lines[above].lstrip().startswith(
-            "# --"
-        )
-    return found
-
-
 def test_every_value_is_documented() -> None:
     """Each leaf of values.yaml has a `# --` comment right above it (helm-docs convention)."""
     text = (CHART / "values.yaml").read_text()
-    documented = _documented_paths(text.splitlines())
+    documented = value_descriptions(text)
     undocumented = [path for path in _leaves(yaml.safe_load(text)) if not documented.get(path)]
     assert not undocumented, f"values without a `# --` comment: {undocumented}"
 

@@ -58,7 +58,7 @@ ADMISSION_LABEL_CHECK_S = 2.0
 TENANT_RESYNC_S = 60.0
 
 
-class Runtime:
+class OperatorState:
     """What handlers share: the operator's settings and the render options made of them, the API
     client, the thread pools, this replica's standing among its peers, and a lock per object (an
     event and a timer may overlap)."""
@@ -122,7 +122,7 @@ class Runtime:
         return self.kube
 
 
-runtime = Runtime(TramontaneSettings.from_env(os.environ))
+runtime = OperatorState(TramontaneSettings.from_env(os.environ))
 
 
 async def _in_pool(call: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:

@@ -40,6 +40,12 @@ otelcol: ## Build only the OpenTelemetry Collector that the span tests export to
 prometheus: ## Fetch only the Prometheus server and promtool of the metrics tests (Debian's; part of binaries)
 	@e2e/build.sh prometheus
 
+.PHONY: helm
+helm: ## Build only Helm (part of binaries); the unit tests render the chart's operator Deployment
+	@e2e/build.sh helm
+
+test-unit: helm
+
 .PHONY: node-binaries
 node-binaries: ## Build only a real node's binaries: containerd, runc, kubelet, kube-proxy, CNI, CoreDNS (part of binaries in the node profile)
 	@e2e/build.sh node

@@ -1,23 +1,89 @@
-"""The operator's environment (set by the chart) → render options; peering verdicts."""
+"""The operator's environment (set by the chart) → its settings and render options; peering
+verdicts."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from tramontane.controller import peering, settings
+from fullchain import helm
+from tramontane.controller import peering
+from tramontane.controller.settings import TramontaneSettings
 from tramontane.render.rayservice import RenderOptions
 from tramontane.render.tenant import TenantOptions
 
 NOW = datetime.datetime(2026, 11, 28, 12, 0, tzinfo=datetime.UTC)
+CHART = Path(__file__).resolve().parents[2] / "charts" / "tramontane"
+# Variables of the chart's operator container that are not settings, and why.
+NOT_SETTINGS = {
+    "POD_ID": "kopf's identity among the peers, read by kopf (main.run sets it)",
+    "OTEL_SERVICE_NAME": "OpenTelemetry's own variable, read as the SDK does (telemetry.py)",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "OpenTelemetry's own variable (telemetry.py)",
+}
+# Settings the chart does not set (a development run's), by variable, and why: none today.
+DEVELOPMENT_ONLY: dict[str, str] = {}
+
+
+def _chart_environment() -> list[dict[str, Any]]:
+    """The operator container's env of the chart, with the optional variables switched on."""
+    out = helm(
+        "template", "tramontane", str(CHART), "--namespace", "tramontane-system",
+        "--set", "tracing.otlpEndpoint=http://otel-collector.observability:4318",
+        "--set", "tracing.servingOtlpEndpoint=http://otel-collector.observability:4318",
+        "--show-only", "templates/deployment.yaml",
+    )  # fmt: skip
+    (deployment,) = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    (operator,) = [c for c in containers if c["name"] == "operator"]
+    return list(operator["env"])
+
+
+def test_every_chart_variable_is_a_setting_and_every_setting_is_set_by_the_chart() -> None:
+    env = _chart_environment()
+    in_chart = {variable["name"] for variable in env} - NOT_SETTINGS.keys()
+    fields = {str(field.alias) for field in TramontaneSettings.model_fields.values()}
+    assert in_chart - fields == set(), "chart variables that no setting reads"
+    assert fields - in_chart - DEVELOPMENT_ONLY.keys() == set(), "settings the chart never sets"
+    # And the chart's values are valid settings.
+    values = {variable["name"]: variable["value"] for variable in env if "value" in variable}
+    assert TramontaneSettings.from_env(values).webhook_config == ""
+
+
+def test_every_setting_has_a_variable_a_default_and_a_doc() -> None:
+    for name, field in TramontaneSettings.model_fields.items():
+        assert field.alias, name
+        assert not field.is_required(), name
+        assert field.description and "\n" not in field.description, name
 
 
 def test_unset_environment_keeps_the_defaults() -> None:
-    assert settings.render_options({}) == RenderOptions()
-    assert settings.tenant_options({}) == TenantOptions()
+    assert TramontaneSettings.from_env({}).render_options() == RenderOptions()
+    assert TramontaneSettings.from_env({}).tenant_options() == TenantOptions()
+    config = TramontaneSettings.from_env({})
+    assert (config.metrics_port, config.reconcile_workers, config.peering) == (8080, 16, None)
+    assert config.webhook_config == "tramontane.dev"
+
+
+def test_blank_variables_are_unset_except_where_empty_is_a_value() -> None:
+    config = TramontaneSettings.from_env(
+        {"TRAMONTANE_PEERING": "", "TRAMONTANE_WEBHOOK_CERT": "", "TRAMONTANE_HEAD_CPU": " ",
+         "TRAMONTANE_WEBHOOK_CONFIG": "", "TRAMONTANE_API_SERVER_CIDRS": ""}
+    )  # fmt: skip
+    assert (config.peering, config.webhook_cert, config.head_cpu) == (None, None, "2")
+    assert (config.webhook_config, config.api_server_cidrs) == ("", ())
+
+
+def test_a_bad_number_stops_the_operator_with_the_variable_named() -> None:
+    with pytest.raises(ValueError, match="TRAMONTANE_METRICS_PORT='http': Input should be a valid"):
+        TramontaneSettings.from_env({"TRAMONTANE_METRICS_PORT": "http"})
+    with pytest.raises(ValueError, match="TRAMONTANE_RECONCILE_WORKERS='0': Input should be great"):
+        TramontaneSettings.from_env({"TRAMONTANE_RECONCILE_WORKERS": "0"})
 
 
 def test_chart_environment_reaches_the_render_options() -> None:
@@ -28,16 +94,18 @@ def test_chart_environment_reaches_the_render_options() -> None:
         "TRAMONTANE_MONITORING_NAMESPACES": "monitoring, observability",
         "TRAMONTANE_API_SERVER_CIDRS": "10.0.0.1/32",
     }
-    render = settings.render_options(env)
+    render = TramontaneSettings.from_env(env).render_options()
     assert render.serving_image == "registry.acme.eu/mirror/serving:0.1.0"
     assert render.cluster_domain == "acme.internal"
     assert render.otlp_endpoint == "http://otel-collector.observability:4318"
-    tenants = settings.tenant_options(env)
+    tenants = TramontaneSettings.from_env(env).tenant_options()
     assert tenants.monitoring_namespaces == ("monitoring", "observability")
     assert tenants.api_server_cidrs == ("10.0.0.1/32",)
     # An empty list is a choice (no monitoring namespace may scrape), not "unset".
     assert (
-        settings.tenant_options({"TRAMONTANE_MONITORING_NAMESPACES": ""}).monitoring_namespaces
+        TramontaneSettings.from_env({"TRAMONTANE_MONITORING_NAMESPACES": ""})
+        .tenant_options()
+        .monitoring_namespaces
         == ()
     )
 
@@ -51,7 +119,7 @@ def test_chart_pod_sizes_reach_the_render_options() -> None:
         "TRAMONTANE_CPU_WORKER_CPU": "1500m",
         "TRAMONTANE_CPU_WORKER_MEMORY": "6Gi",
     }
-    render = settings.render_options(env)
+    render = TramontaneSettings.from_env(env).render_options()
     assert (render.head_cpu, render.head_memory) == ("500m", "3Gi")
     assert (render.cpu_per_gpu, render.memory_per_gpu) == ("12", "80Gi")
     assert (render.cpu_worker_cpu, render.cpu_worker_memory) == ("1500m", "6Gi")
@@ -59,20 +127,20 @@ def test_chart_pod_sizes_reach_the_render_options() -> None:
 
 def test_chart_tolerations_and_node_selector_reach_the_render_options() -> None:
     taint = {"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}
-    render = settings.render_options(
+    render = TramontaneSettings.from_env(
         {
             "TRAMONTANE_SERVING_TOLERATIONS": json.dumps([taint]),
             "TRAMONTANE_SERVING_NODE_SELECTOR": '{"pool": "inference"}',
             "TRAMONTANE_AUTOSCALER_CPU": "100m",
         }
-    )
+    ).render_options()
     assert render.pod_tolerations == (taint,)
     assert render.pod_node_selector == (("pool", "inference"),)
     assert render.autoscaler_cpu == "100m"
     # The chart renders empty values as [] and {}: nothing added.
-    empty = settings.render_options(
+    empty = TramontaneSettings.from_env(
         {"TRAMONTANE_SERVING_TOLERATIONS": "[]", "TRAMONTANE_SERVING_NODE_SELECTOR": "{}"}
-    )
+    ).render_options()
     assert (empty.pod_tolerations, empty.pod_node_selector) == ((), ())
 
 
@@ -100,12 +168,12 @@ def test_bad_placement_settings_stop_the_operator_with_the_variable_named(
     variable: str, value: str, error: str
 ) -> None:
     with pytest.raises(ValueError, match=error):
-        settings.render_options({variable: value})
+        TramontaneSettings.from_env({variable: value})
 
 
 def test_a_bad_pod_size_stops_the_operator_with_the_variable_named() -> None:
     with pytest.raises(ValueError, match="TRAMONTANE_HEAD_MEMORY='8 GB' is not a Kubernetes"):
-        settings.render_options({"TRAMONTANE_HEAD_MEMORY": "8 GB"})
+        TramontaneSettings.from_env({"TRAMONTANE_HEAD_MEMORY": "8 GB"})
 
 
 def _record(priority: int, seconds_ago: int, lifetime: int = 60) -> dict[str, object]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -42,6 +41,7 @@ from tramontane.controller.kube import (
     Kube,
 )
 from tramontane.controller.peering import Mode
+from tramontane.controller.settings import TramontaneSettings
 from tramontane.policy.residency import disallowed_sources, gpus_at_max_scale, quota_violation
 from tramontane.render.tenant import TenancyError
 
@@ -84,22 +84,21 @@ def self_signed(host: str, directory: Path) -> tuple[Path, Path]:
     return certfile, keyfile
 
 
-def webhook_server() -> kopf.WebhookServer:
-    """TLS webhook server from TRAMONTANE_WEBHOOK_* (cert files mounted in production)."""
-    host = os.environ.get("TRAMONTANE_WEBHOOK_HOST", "127.0.0.1")
-    port = int(os.environ.get("TRAMONTANE_WEBHOOK_PORT", "9443"))
-    certfile = os.environ.get("TRAMONTANE_WEBHOOK_CERT")
-    keyfile = os.environ.get("TRAMONTANE_WEBHOOK_KEY")
+def webhook_server(config: TramontaneSettings) -> kopf.WebhookServer:
+    """TLS webhook server from the TRAMONTANE_WEBHOOK_* settings (cert files mounted in
+    production)."""
+    host = config.webhook_host
+    certfile, keyfile = config.webhook_cert, config.webhook_key
     if not (certfile and keyfile):
         generated = self_signed(host, Path(tempfile.mkdtemp(prefix="tramontane-webhook-")))
         certfile, keyfile = str(generated[0]), str(generated[1])
     return kopf.WebhookServer(
-        addr=os.environ.get("TRAMONTANE_WEBHOOK_ADDR", host),
-        port=port,
+        addr=host if config.webhook_addr is None else config.webhook_addr,
+        port=config.webhook_port,
         host=host,
         certfile=certfile,
         pkeyfile=keyfile,
-        cafile=os.environ.get("TRAMONTANE_WEBHOOK_CA", certfile),
+        cafile=certfile if config.webhook_ca is None else config.webhook_ca,
         # A rotated certificate (cert-manager renewing the mounted Secret) is served from the
         # next check on: kopf restarts its server on the new files and, where it manages the
         # webhook configuration, puts the new CA bundle there.

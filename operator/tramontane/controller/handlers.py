@@ -36,9 +36,9 @@ from tramontane.controller import (
     telemetry,
     tenants,
 )
-from tramontane.controller import settings as environment
 from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import BINDING, MODELDEPLOYMENT, POD, TENANT, Kube
+from tramontane.controller.settings import TramontaneSettings
 from tramontane.render.admission import render_bindings
 from tramontane.render.rayservice import DEPLOYMENT_LABEL, FIELD_MANAGER, RenderOptions
 from tramontane.render.status import pod_problem
@@ -58,19 +58,22 @@ ADMISSION_LABEL_CHECK_S = 2.0
 TENANT_RESYNC_S = 60.0
 
 
-class Runtime:
-    """What handlers share: the API client, render options, the thread pools, this replica's
-    standing among its peers, and a lock per object (an event and a timer may overlap)."""
+class OperatorState:
+    """What handlers share: the operator's settings and the render options made of them, the API
+    client, the thread pools, this replica's standing among its peers, and a lock per object (an
+    event and a timer may overlap)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: TramontaneSettings) -> None:
+        self.config = config
         self.kube: Kube | None = None
-        self.options: RenderOptions = environment.render_options()
-        self.tenant_options: TenantOptions = environment.tenant_options()
-        workers = int(os.environ.get("TRAMONTANE_RECONCILE_WORKERS", "16"))
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+        self.options: RenderOptions = config.render_options()
+        self.tenant_options: TenantOptions = config.tenant_options()
+        self.pool = ThreadPoolExecutor(
+            max_workers=config.reconcile_workers, thread_name_prefix="reconcile"
+        )
         # Admission has its own threads: behind queued reconciles, reviews would time out.
         self.admission_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="admission")
-        self.standing = peering.Standing(os.environ.get("TRAMONTANE_PEERING") or None, self.client)
+        self.standing = peering.Standing(config.peering, self.client)
         # Set by the first handler call: kopf runs handlers only once every index is filled.
         self.indexes_ready = threading.Event()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
@@ -119,7 +122,7 @@ class Runtime:
         return self.kube
 
 
-runtime = Runtime()
+runtime = OperatorState(TramontaneSettings.from_env(os.environ))
 
 
 async def _in_pool(call: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
@@ -271,7 +274,7 @@ async def serving_pod_event(event: kopf.RawEvent, body: kopf.Body, name: str,
 
 
 def _label_own_pod(deciding: bool) -> None:
-    pod, namespace = os.environ.get("POD_ID", ""), os.environ.get("POD_NAMESPACE", "")
+    pod, namespace = os.environ.get("POD_ID", ""), runtime.config.pod_namespace or ""
     value = "decides" if deciding else None  # None: merge patch removes the label
     patch = {"metadata": {"labels": {ADMISSION_LABEL: value}}}
     runtime.client().merge_patch(POD, namespace, pod, patch)
@@ -283,7 +286,7 @@ async def keep_admission_label() -> None:
     primary). Checked every ADMISSION_LABEL_CHECK_S; a restarted process removes the label its
     pod kept from before. Without POD_NAMESPACE (not in a pod) only the metric is kept."""
     labelled: bool | None = None
-    in_pod = bool(os.environ.get("POD_NAMESPACE"))
+    in_pod = bool(runtime.config.pod_namespace)
     while True:
         try:
             mode = await admission_mode()
@@ -306,14 +309,13 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our own Events say what happened; kopf's per-handler ones (a retry timer's temporary
     # errors among them) would be noise, and API writes.
     settings.posting.enabled = False
-    settings.execution.max_workers = int(os.environ.get("TRAMONTANE_RECONCILE_WORKERS", "16"))
+    settings.execution.max_workers = runtime.config.reconcile_workers
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.admission.server = admission.webhook_server()
+    settings.admission.server = admission.webhook_server(runtime.config)
     # Installed by Helm, the chart owns the ValidatingWebhookConfiguration (and the operator
     # needs no RBAC on webhook configurations): TRAMONTANE_WEBHOOK_CONFIG="" leaves it alone.
-    managed = os.environ.get("TRAMONTANE_WEBHOOK_CONFIG", "tramontane.dev")
-    settings.admission.managed = managed or None
+    settings.admission.managed = runtime.config.webhook_config or None
     settings.peering.lifetime = peering.LIFETIME_S
     runtime.client()
     # A replica that starts as the standby is known as one before it ever becomes active (see

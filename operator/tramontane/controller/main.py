@@ -15,16 +15,16 @@ log = logging.getLogger(__name__)
 
 
 def run(namespaces: list[str] | None = None) -> None:
+    config = handlers.runtime.config
     logging.basicConfig(
-        level=os.environ.get("TRAMONTANE_LOG_LEVEL", "INFO"),
+        level=config.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for noisy in ("kopf.objects", "kopf.activities.startup"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     telemetry.setup_tracing()
     ready = threading.Event()
-    port = int(os.environ.get("TRAMONTANE_METRICS_PORT", "8080"))
-    host = os.environ.get("TRAMONTANE_METRICS_HOST", "0.0.0.0")  # noqa: S104 (pod network)
+    port, host = config.metrics_port, config.metrics_host
     # Ready: kopf started, and this replica's webhook routing is settled (see handlers).
     telemetry.serve_http(port, host, lambda: ready.is_set() and handlers.runtime.routed.is_set())
     # TRAMONTANE_PEERING names the ClusterKopfPeering that replicas share (set by the chart);

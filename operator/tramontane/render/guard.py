@@ -14,7 +14,8 @@ Tenancy, residency and quota hang on a few things a tenant must not be able to c
 
 kube-apiserver enforces them itself, so they hold while the operator is down. The identities and
 images are the installation's: the files hold placeholders that the chart fills in (see
-`fill_placeholders`, which the tests use too).
+`fill_placeholders`, which the tests use too). The __TRAMONTANE_*__ placeholders are not
+environment variables (the operator's are in controller/settings.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from tramontane.api.serving import MODEL_ROOT, RAY_SERVE_ENV, ServingArgs
 __all__ = ["RAY_SERVE_ENV"]  # re-exported: local Ray instances (tests, benchmarks) set it too
 
 # Where `pvc://claim/path` URIs are found (api.serving.MODEL_ROOT in pods; local runs and tests
-# point it at a folder of their own).
+# point it at a folder of their own). The serving pods' environment, not the operator's: the
+# operator's variables are its settings, controller/settings.py.
 MODEL_ROOT_ENV = "TRAMONTANE_MODEL_ROOT"
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tramontane.api.labels import POLICY_LABEL, TENANT_LABEL
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.policy.residency import (
@@ -21,8 +22,6 @@ from tramontane.policy.residency import (
 from tramontane.render.admission import render_bindings
 from tramontane.render.rayservice import RenderOptions, render_rayservice
 from tramontane.render.tenant import (
-    POLICY_LABEL,
-    TENANT_LABEL,
     TenancyError,
     TenantOptions,
     owning_tenant,

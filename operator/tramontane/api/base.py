@@ -15,9 +15,6 @@ from pydantic.alias_generators import to_camel
 GROUP = "tramontane.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-# Well-known node labels (kubernetes.io) that residency is expressed in.
-REGION_LABEL = "topology.kubernetes.io/region"
-ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
 class ApiModel(BaseModel):

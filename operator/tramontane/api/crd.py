@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tramontane.api.base import GROUP, VERSION
+from tramontane.api.labels import PART_OF_LABEL
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import ModelDeployment
 
@@ -92,7 +93,7 @@ def _crd(
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{plural}.{GROUP}",
-            "labels": {"app.kubernetes.io/part-of": "tramontane"},
+            "labels": {PART_OF_LABEL: "tramontane"},
         },
         "spec": {
             "group": GROUP,

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import kopf
 
+from tramontane.api.labels import ADMISSION_LABEL, DEPLOYMENT_LABEL, TENANT_LABEL
 from tramontane.api.tenancy import ResidencyPolicy
 from tramontane.controller import (
     admission,
@@ -40,9 +41,9 @@ from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import BINDING, MODELDEPLOYMENT, POD, TENANT, Kube
 from tramontane.controller.settings import TramontaneSettings
 from tramontane.render.admission import render_bindings
-from tramontane.render.rayservice import DEPLOYMENT_LABEL, FIELD_MANAGER, RenderOptions
+from tramontane.render.rayservice import FIELD_MANAGER, RenderOptions
 from tramontane.render.status import pod_problem
-from tramontane.render.tenant import TENANT_LABEL, TenantOptions
+from tramontane.render.tenant import TenantOptions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,8 +52,7 @@ TENANTS = ("tramontane.dev", "v1alpha1", "tenants")
 # A failed reconcile is retried after 2, 4, 8 … seconds, at most RETRY_MAX_S apart.
 RETRY_FIRST_S = 2.0
 RETRY_MAX_S = 30.0
-# The label of the replica that decides admissions: the webhook Service selects it (the chart).
-ADMISSION_LABEL = "tramontane.dev/admission"
+# How often this replica puts its ADMISSION_LABEL right (keep_admission_label).
 ADMISSION_LABEL_CHECK_S = 2.0
 # Every Tenant is reconciled this often (its guard rails re-applied, its quota use refreshed).
 TENANT_RESYNC_S = 60.0

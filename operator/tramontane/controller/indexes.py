@@ -28,11 +28,11 @@ from typing import Any, NamedTuple
 import kopf
 from pydantic import ValidationError
 
-from tramontane.api.base import REGION_LABEL
+from tramontane.api.labels import GPU_PRODUCT_LABEL, LAST_APPLIED_ANNOTATION, REGION_LABEL
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
 from tramontane.policy.residency import gpus_at_max_scale
-from tramontane.render.rayservice import GPU_PRODUCT_LABEL, GPU_PRODUCTS, model_claims
+from tramontane.render.rayservice import GPU_PRODUCTS, model_claims
 from tramontane.render.tenant import TenancyError, owning_tenant
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def modeldeployment_bodies(
     meta = body.get("metadata", {})
     annotations = {
         key: value for key, value in (meta.get("annotations") or {}).items()
-        if key != "kubectl.kubernetes.io/last-applied-configuration"
+        if key != LAST_APPLIED_ANNOTATION
     }  # fmt: skip
     trimmed_meta = {key: value for key, value in meta.items() if key != "managedFields"}
     trimmed_meta["annotations"] = annotations

@@ -9,13 +9,13 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from tramontane.api.conditions import Condition, ConditionStatus, set_condition
+from tramontane.api.labels import TENANT_LABEL
 from tramontane.api.tenancy import Tenant, TenantStatus
 from tramontane.controller import telemetry
 from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import NAMESPACE, TENANT, Kube
 from tramontane.render.rayservice import FIELD_MANAGER
 from tramontane.render.tenant import (
-    TENANT_LABEL,
     TenancyError,
     TenantOptions,
     owning_tenant,

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
-from tramontane.api.base import REGION_LABEL, ZONE_LABEL
+from tramontane.api.labels import REGION_LABEL, ZONE_LABEL
 from tramontane.api.tenancy import ResidencyPolicySpec, Tenant
 from tramontane.api.v1alpha1 import ModelDeployment
 

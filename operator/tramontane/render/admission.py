@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tramontane.api.base import API_VERSION, GROUP, REGION_LABEL, ZONE_LABEL
+from tramontane.api.base import API_VERSION, GROUP
+from tramontane.api.labels import (
+    PART_OF_LABEL,
+    POLICY_LABEL,
+    REGION_LABEL,
+    TENANT_LABEL,
+    ZONE_LABEL,
+)
 from tramontane.api.tenancy import ResidencyPolicy
-from tramontane.render.tenant import POLICY_LABEL, TENANT_LABEL
 
 ADMISSION_API = "admissionregistration.k8s.io/v1"
 
@@ -75,7 +81,7 @@ def render_admission_policy(kind: str) -> dict[str, Any]:
         "kind": "ValidatingAdmissionPolicy",
         "metadata": {
             "name": policy_name(kind),
-            "labels": {"app.kubernetes.io/part-of": "tramontane"},
+            "labels": {PART_OF_LABEL: "tramontane"},
         },
         "spec": {
             "failurePolicy": "Fail",
@@ -139,7 +145,7 @@ def render_bindings(policy: ResidencyPolicy) -> list[dict[str, Any]]:
             "kind": "ValidatingAdmissionPolicyBinding",
             "metadata": {
                 "name": f"{policy_name(kind)}-{policy.name}",
-                "labels": {"app.kubernetes.io/part-of": "tramontane", POLICY_LABEL: policy.name},
+                "labels": {PART_OF_LABEL: "tramontane", POLICY_LABEL: policy.name},
                 # No owner: garbage collection must not remove residency admission with the
                 # policy (a deleted policy is refused while a Tenant uses it; with their param
                 # gone the bindings refuse everything they match). The operator removes the

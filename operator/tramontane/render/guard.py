@@ -22,13 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from tramontane.api.labels import LABEL_PREFIX, PART_OF_LABEL, TENANT_LABEL
 from tramontane.render.admission import ADMISSION_API, POD_SPECS
-from tramontane.render.tenant import TENANT_LABEL
 
 OPERATOR_PLACEHOLDER = "__TRAMONTANE_OPERATOR_IDENTITY__"
 KUBERAY_PLACEHOLDER = "__TRAMONTANE_KUBERAY_IDENTITIES__"
 IMAGES_PLACEHOLDER = "__TRAMONTANE_SERVING_IMAGES__"
-LABEL_PREFIX = "tramontane.dev/"
 SERVICE_ACCOUNT_TOKEN = "kubernetes.io/service-account-token"  # noqa: S105 (a Secret type)
 
 _OPERATOR = f"request.userInfo.username == '{OPERATOR_PLACEHOLDER}'"
@@ -50,7 +49,7 @@ def fill_placeholders(text: str, operator: str, kuberay: list[str], images: list
 
 
 def _meta(name: str) -> dict[str, Any]:
-    return {"name": name, "labels": {"app.kubernetes.io/part-of": "tramontane"}}
+    return {"name": name, "labels": {PART_OF_LABEL: "tramontane"}}
 
 
 def _policy(

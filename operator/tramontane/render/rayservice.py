@@ -12,6 +12,17 @@ from typing import Any
 import yaml
 
 from tramontane.api.base import API_VERSION
+from tramontane.api.labels import (
+    DEPLOYMENT_LABEL,
+    ENGINE_CONFIG_ANNOTATION,
+    GPU_PRODUCT_LABEL,
+    INSTANCE_LABEL,
+    MANAGED_BY_LABEL,
+    NAME_LABEL,
+    PART_OF_LABEL,
+    RAY_NODE_TYPE_LABEL,
+    TENANT_LABEL,
+)
 from tramontane.api.serving import (
     API_KEYS_MOUNT_PATH,
     MODEL_ROOT,
@@ -22,10 +33,7 @@ from tramontane.api.serving import (
 from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
 
 FIELD_MANAGER = "tramontane"
-DEPLOYMENT_LABEL = "tramontane.dev/model-deployment"
-TENANT_LABEL = "tramontane.dev/tenant"
 GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 SERVE_PORT = 8000
 METRICS_PORT = 8080
 SERVING_SERVICE_NAME = "tramontane-serving"  # OTEL_SERVICE_NAME of the serving app's spans
@@ -74,7 +82,6 @@ class RenderOptions:
 
 
 IDLE_WORKER_TIMEOUT_S = 60
-ENGINE_CONFIG_ANNOTATION = "tramontane.dev/engine-config"
 
 
 def engine_config_hash(args: ServingArgs) -> str:
@@ -97,10 +104,10 @@ def _template_metadata(md: ModelDeployment, args: ServingArgs) -> dict[str, Any]
 
 def labels(md: ModelDeployment) -> dict[str, str]:
     return {
-        "app.kubernetes.io/name": "tramontane-serving",
-        "app.kubernetes.io/instance": md.name,
-        "app.kubernetes.io/managed-by": "tramontane",
-        "app.kubernetes.io/part-of": "tramontane",
+        NAME_LABEL: "tramontane-serving",
+        INSTANCE_LABEL: md.name,
+        MANAGED_BY_LABEL: "tramontane",
+        PART_OF_LABEL: "tramontane",
         DEPLOYMENT_LABEL: md.name,
         TENANT_LABEL: md.namespace,
     }
@@ -564,7 +571,7 @@ def endpoint(md: ModelDeployment, options: RenderOptions) -> str:
 
 
 def pod_selector(md: ModelDeployment) -> str:
-    return f"{DEPLOYMENT_LABEL}={md.name},ray.io/node-type=worker"
+    return f"{DEPLOYMENT_LABEL}={md.name},{RAY_NODE_TYPE_LABEL}=worker"
 
 
 def render_children(

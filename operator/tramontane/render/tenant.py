@@ -7,13 +7,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tramontane.api.base import API_VERSION, GROUP
+from tramontane.api.labels import (
+    JURISDICTION_LABEL,
+    MANAGED_BY_LABEL,
+    NAMESPACE_NAME_LABEL,
+    PART_OF_LABEL,
+    POD_SECURITY_AUDIT_LABEL,
+    POD_SECURITY_ENFORCE_LABEL,
+    POD_SECURITY_ENFORCE_VERSION_LABEL,
+    POD_SECURITY_WARN_LABEL,
+    POLICY_LABEL,
+    TENANT_LABEL,
+)
 from tramontane.api.tenancy import ResidencyPolicy, Subjects, Tenant
 from tramontane.render.rayservice import GPU_RESOURCE, METRICS_PORT, SERVE_PORT
 
-TENANT_LABEL = "tramontane.dev/tenant"
-POLICY_LABEL = "tramontane.dev/residency-policy"
-JURISDICTION_LABEL = "tramontane.dev/jurisdiction"
-NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 ADMIN_ROLE = "tramontane-tenant-admin"
 MEMBER_ROLE = "tramontane-tenant-member"
 
@@ -76,8 +84,8 @@ def owning_tenant(namespace: str, labels: Mapping[str, str], claimants: Iterable
 
 def tenant_labels(tenant: Tenant) -> dict[str, str]:
     return {
-        "app.kubernetes.io/managed-by": "tramontane",
-        "app.kubernetes.io/part-of": "tramontane",
+        MANAGED_BY_LABEL: "tramontane",
+        PART_OF_LABEL: "tramontane",
         TENANT_LABEL: tenant.name,
     }
 
@@ -109,10 +117,10 @@ def render_namespace(tenant: Tenant, policy: ResidencyPolicy) -> dict[str, Any]:
     meta["labels"] |= {
         POLICY_LABEL: policy.name,
         JURISDICTION_LABEL: policy.spec.jurisdiction,
-        "pod-security.kubernetes.io/enforce": "restricted",
-        "pod-security.kubernetes.io/enforce-version": "latest",
-        "pod-security.kubernetes.io/warn": "restricted",
-        "pod-security.kubernetes.io/audit": "restricted",
+        POD_SECURITY_ENFORCE_LABEL: "restricted",
+        POD_SECURITY_ENFORCE_VERSION_LABEL: "latest",
+        POD_SECURITY_WARN_LABEL: "restricted",
+        POD_SECURITY_AUDIT_LABEL: "restricted",
     }
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
 

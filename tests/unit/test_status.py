@@ -15,6 +15,7 @@ from tramontane.render.status import (
     ClaimState,
     Observed,
     PodProblem,
+    ResidencyVerdict,
     compute_status,
     pod_problem,
 )
@@ -220,7 +221,9 @@ def test_an_upgrade_that_fails_says_so_while_the_old_cluster_serves() -> None:
 def test_a_withdrawn_deployment_is_not_reported_as_applied() -> None:
     observed = Observed(
         None, None,
-        residency=(ConditionStatus.FALSE, "ResidencyPolicyNotFound", "ResidencyPolicy eu is gone"),
+        residency=ResidencyVerdict(
+            ConditionStatus.FALSE, "ResidencyPolicyNotFound", "ResidencyPolicy eu is gone"
+        ),
     )  # fmt: skip
     got = conditions(observed)
     assert got["Reconciled"] == ("False", "Withdrawn")
@@ -231,7 +234,9 @@ def test_a_withdrawn_deployment_is_not_reported_as_applied() -> None:
 def test_a_deployment_whose_tenancy_is_in_doubt_is_held_not_applied() -> None:
     observed = Observed(
         RAYSERVICE, raycluster(1),
-        residency=(ConditionStatus.UNKNOWN, "TenancyMismatch", "namespace team is labelled ..."),
+        residency=ResidencyVerdict(
+            ConditionStatus.UNKNOWN, "TenancyMismatch", "namespace team is labelled ..."
+        ),
     )  # fmt: skip
     got = conditions(observed)
     assert got["Reconciled"] == ("False", "Held")

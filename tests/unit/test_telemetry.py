@@ -18,15 +18,15 @@ def unique(prefix: str) -> str:
 
 def test_a_kinds_reconcile_series_exist_at_zero_before_any_reconcile() -> None:
     kind = unique("Kind")
-    telemetry.ConditionCounts(kind)
+    telemetry.KindMetrics(kind)
     assert value("tramontane_reconcile_total", kind=kind, result="error") == 0
     assert value("tramontane_reconcile_total", kind=kind, result="success") == 0
     assert value("tramontane_reconcile_duration_seconds_count", kind=kind) == 0
 
 
-def test_condition_counts_count_objects_not_updates() -> None:
+def test_kind_metrics_count_objects_not_updates() -> None:
     kind = unique("Kind")
-    counts = telemetry.ConditionCounts(kind)
+    counts = telemetry.KindMetrics(kind)
     counts.update("a", {"Ready": "False"})
     counts.update("a", {"Ready": "True"})
     counts.update("b", {"Ready": "True"})
@@ -39,7 +39,7 @@ def test_condition_counts_count_objects_not_updates() -> None:
 
 def test_each_deployment_has_one_series_per_condition_status_set_to_one_for_its_status() -> None:
     tenant, name = unique("team"), "llama"
-    conditions = telemetry.DeploymentConditions(unique("ModelDeployment"))
+    conditions = telemetry.DeploymentMetrics(unique("ModelDeployment"))
     conditions.update(f"{tenant}/{name}", {"Ready": "False", "Reconciled": "True"})
     metric = "tramontane_modeldeployment_status_condition"
     labels = {"tenant": tenant, "deployment": name}

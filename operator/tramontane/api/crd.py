@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tramontane.api.base import GROUP, VERSION
+from tramontane.api.conditions import ConditionType
 from tramontane.api.labels import PART_OF_LABEL
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import ModelDeployment
@@ -120,9 +121,9 @@ def _crd(
     }
 
 
-def _condition_column(condition: str) -> dict[str, Any]:
+def _condition_column(condition: ConditionType) -> dict[str, Any]:
     return {
-        "name": condition,
+        "name": condition.value,  # a plain str: YAML dumps no enums
         "type": "string",
         "jsonPath": f'.status.conditions[?(@.type=="{condition}")].status',
     }
@@ -149,7 +150,7 @@ def modeldeployment_crd() -> dict[str, Any]:
             {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
             {"name": "Ready-Replicas", "type": "integer", "jsonPath": ".status.readyReplicas",
              "priority": 1},
-            _condition_column("Ready"),
+            _condition_column(ConditionType.READY),
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )  # fmt: skip
@@ -184,7 +185,7 @@ def tenant_crd() -> dict[str, Any]:
             {"name": "Policy", "type": "string", "jsonPath": ".spec.residencyPolicy"},
             {"name": "GPU-Quota", "type": "integer", "jsonPath": ".spec.quota.gpus"},
             {"name": "GPUs-Used", "type": "integer", "jsonPath": ".status.gpusInUse"},
-            _condition_column("Ready"),
+            _condition_column(ConditionType.READY),
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )

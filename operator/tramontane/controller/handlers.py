@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import kopf
 
+from tramontane.api.conditions import ConditionStatus, ConditionType
 from tramontane.api.labels import ADMISSION_LABEL, DEPLOYMENT_LABEL, TENANT_LABEL
 from tramontane.api.tenancy import ResidencyPolicy
 from tramontane.controller import (
@@ -181,7 +182,10 @@ async def modeldeployment_event(
 
 def _reconcile_failed(status: kopf.Status, **_: Any) -> bool:
     conditions = status.get("conditions") or []
-    return any(c.get("type") == "Reconciled" and c.get("status") == "False" for c in conditions)
+    return any(
+        c.get("type") == ConditionType.RECONCILED and c.get("status") == ConditionStatus.FALSE
+        for c in conditions
+    )
 
 
 @kopf.timer(
@@ -344,7 +348,7 @@ def reconcile_tenant_once(name: str, facts: Facts | None, with_deployments: bool
     with runtime.lock("", name):
         body = kube.get(TENANT, None, name)
         if body is None or facts is None:
-            tenants.condition_counts.update(name, None)
+            tenants.tenant_metrics.update(name, None)
             return
         tenants.reconcile_tenant(kube, body, runtime.tenant_options, facts)
     if with_deployments:
@@ -362,7 +366,7 @@ async def _reconcile_tenant(name: str, kwargs: Mapping[str, Any], with_deploymen
 @kopf.on.event(*TENANTS)
 async def tenant_event(event: kopf.RawEvent, body: kopf.Body, name: str, **kwargs: Any) -> None:
     if event.get("type") == "DELETED":
-        tenants.condition_counts.update(name, None)
+        tenants.tenant_metrics.update(name, None)
         return
     # Only a spec change (e.g. another residency policy) can change its deployments: one the
     # status does not show as observed yet. Status updates (quota use) must not re-reconcile

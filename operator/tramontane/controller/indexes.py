@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import kopf
 from pydantic import ValidationError
 
+from tramontane.api.conditions import ConditionStatus, ConditionType, Reason
 from tramontane.api.labels import GPU_PRODUCT_LABEL, LAST_APPLIED_ANNOTATION, REGION_LABEL
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
@@ -130,7 +131,11 @@ def tenants_by_namespace(body: kopf.Body, **_: Any) -> dict[str, Tenant] | None:
 def tenants_ready(body: kopf.Body, name: str, **_: Any) -> dict[str, bool]:
     """Whether each Tenant's status says Ready (its quota computed among the rest)."""
     conditions = (body.get("status") or {}).get("conditions") or []
-    return {name: any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)}
+    ready = any(
+        c.get("type") == ConditionType.READY and c.get("status") == ConditionStatus.TRUE
+        for c in conditions
+    )
+    return {name: ready}
 
 
 @kopf.index("tramontane.dev", "v1alpha1", "residencypolicies")
@@ -221,7 +226,7 @@ class Facts:
     def owner(self) -> Tenant:
         """The Tenant that owns the namespace (render.tenant.owning_tenant's rule)."""
         if self.labels is None:
-            raise TenancyError("NoTenant", f"namespace {self.namespace} does not exist")
+            raise TenancyError(Reason.NO_TENANT, f"namespace {self.namespace} does not exist")
         return owning_tenant(self.namespace, self.labels, self.claimants)
 
     def policy_of(self, tenant: Tenant) -> ResidencyPolicy | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from tramontane.api.conditions import ConditionStatus, find
+from tramontane.api.conditions import ConditionStatus, ConditionType, EventReason, Reason, find
 from tramontane.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus
 from tramontane.controller import children, telemetry
 from tramontane.controller.indexes import Facts
@@ -45,6 +45,7 @@ from tramontane.render.rayservice import (
 from tramontane.render.status import (
     ClaimState,
     Observed,
+    ResidencyVerdict,
     compute_status,
     serving_cluster_name,
     transitions,
@@ -54,18 +55,23 @@ from tramontane.render.tenant import TenancyError
 log = logging.getLogger(__name__)
 CONTROLLER_NAME = "tramontane.dev/operator"
 KIND = "ModelDeployment"
-condition_counts = telemetry.DeploymentConditions(KIND)
+deployment_metrics = telemetry.DeploymentMetrics(KIND)
 
-_EVENT_REASONS = {
-    ("Reconciled", ConditionStatus.FALSE): ("Warning", "ReconcileFailed"),
-    ("ResidencyCompliant", ConditionStatus.FALSE): ("Warning", "ResidencyViolation"),
-    ("Available", ConditionStatus.TRUE): ("Normal", "Available"),
-    ("Available", ConditionStatus.FALSE): ("Normal", "Unavailable"),
-    ("Ready", ConditionStatus.TRUE): ("Normal", "Ready"),
-    ("Upgrading", ConditionStatus.TRUE): ("Normal", "UpgradeStarted"),
-    ("PodsHealthy", ConditionStatus.FALSE): ("Warning", "PodsFailing"),
-    ("ModelSourceReady", ConditionStatus.FALSE): ("Warning", "ModelSourceNotReady"),
-}
+# The Event (type, reason) a condition's transition posts.
+_EVENT_REASONS: dict[tuple[str, ConditionStatus], tuple[str, EventReason]] = {
+    (ConditionType.RECONCILED, ConditionStatus.FALSE): ("Warning", EventReason.RECONCILE_FAILED),
+    (ConditionType.RESIDENCY_COMPLIANT, ConditionStatus.FALSE): (
+        "Warning", EventReason.RESIDENCY_VIOLATION,
+    ),
+    (ConditionType.AVAILABLE, ConditionStatus.TRUE): ("Normal", EventReason.AVAILABLE),
+    (ConditionType.AVAILABLE, ConditionStatus.FALSE): ("Normal", EventReason.UNAVAILABLE),
+    (ConditionType.READY, ConditionStatus.TRUE): ("Normal", EventReason.READY),
+    (ConditionType.UPGRADING, ConditionStatus.TRUE): ("Normal", EventReason.UPGRADE_STARTED),
+    (ConditionType.PODS_HEALTHY, ConditionStatus.FALSE): ("Warning", EventReason.PODS_FAILING),
+    (ConditionType.MODEL_SOURCE_READY, ConditionStatus.FALSE): (
+        "Warning", EventReason.MODEL_SOURCE_NOT_READY,
+    ),
+}  # fmt: skip
 
 
 def _status_of(body: dict[str, Any]) -> ModelDeploymentStatus | None:
@@ -99,13 +105,13 @@ def reconcile_modeldeployment(
     ) as span:
         result = "success"
         apply_error: str | None = None
-        residency: tuple[ConditionStatus, str, str] | None = None
+        residency: ResidencyVerdict | None = None
         rayservice: dict[str, Any] | None = None
         try:
             residency, placement, options = _residency(facts, md, options)
-            if residency[0] is ConditionStatus.FALSE:
-                _withdraw(kube, md, residency[2])
-            elif residency[0] is ConditionStatus.UNKNOWN:
+            if residency.status is ConditionStatus.FALSE:
+                _withdraw(kube, md, residency.message)
+            elif residency.status is ConditionStatus.UNKNOWN:
                 # Tenancy in doubt: apply nothing on the word of the labels; what runs keeps
                 # the placement it was applied with until the operator has restored them.
                 rayservice = kube.get(RAYSERVICE, md.namespace, md.name)
@@ -145,10 +151,10 @@ def reconcile_modeldeployment(
                 return
             _post_events(kube, body, previous, status)
         _remember(md, status.to_wire())
-        condition_counts.update(
+        deployment_metrics.update(
             f"{md.namespace}/{md.name}", {c.type: c.status.value for c in status.conditions}
         )
-        ready = find(status.conditions, "Ready")
+        ready = find(status.conditions, ConditionType.READY)
         span.set_attribute("tramontane.ready", ready.status.value if ready else "Unknown")
         telemetry.RECONCILES.labels(KIND, result).inc()
         telemetry.RECONCILE_DURATION.labels(KIND).observe(time.perf_counter() - started)
@@ -168,7 +174,7 @@ def _post_events(
         kube.event(
             body,
             type_="Normal",
-            reason="ServingClusterChanged",
+            reason=EventReason.SERVING_CLUSTER_CHANGED,
             note=f"now served by RayCluster {status.ray_cluster_name} "
             f"(was {before}, which KubeRay deletes after its delay)",
             action="Upgrade",
@@ -236,7 +242,7 @@ def is_echo(body: Mapping[str, Any]) -> bool:
 
 def _residency(
     facts: Facts, md: ModelDeployment, options: RenderOptions
-) -> tuple[tuple[ConditionStatus, str, str], list[dict[str, Any]], RenderOptions]:
+) -> tuple[ResidencyVerdict, list[dict[str, Any]], RenderOptions]:
     """The deployment's ResidencyCompliant verdict and the node placement its pods must get.
 
     The tenant comes from the Tenant objects, checked against the namespace's labels (see
@@ -248,19 +254,26 @@ def _residency(
     try:
         tenant = facts.owner()
     except TenancyError as error:
-        return (ConditionStatus.UNKNOWN, error.reason, str(error)), [], options
+        return ResidencyVerdict(ConditionStatus.UNKNOWN, error.reason, str(error)), [], options
     policy_name = tenant.spec.residency_policy
     policy = facts.policy_of(tenant)
     if policy is None:
         # Fail closed: without its policy we cannot know where the model may run.
-        return (ConditionStatus.FALSE, "ResidencyPolicyNotFound",
-                f"ResidencyPolicy {policy_name!r} of tenant {tenant.name} "
-                "does not exist"), [], options  # fmt: skip
+        refused = ResidencyVerdict(
+            ConditionStatus.FALSE,
+            Reason.RESIDENCY_POLICY_NOT_FOUND,
+            f"ResidencyPolicy {policy_name!r} of tenant {tenant.name} does not exist",
+        )
+        return refused, [], options
     denied = disallowed_sources(md, policy.spec)
     if denied:
-        return (ConditionStatus.FALSE, "ModelSourceNotAllowed",
-                f"{', '.join(denied)} not allowed by ResidencyPolicy {policy.name} "
-                f"(modelSources: {', '.join(policy.spec.model_sources)})"), [], options  # fmt: skip
+        refused = ResidencyVerdict(
+            ConditionStatus.FALSE,
+            Reason.MODEL_SOURCE_NOT_ALLOWED,
+            f"{', '.join(denied)} not allowed by ResidencyPolicy {policy.name} "
+            f"(modelSources: {', '.join(policy.spec.model_sources)})",
+        )
+        return refused, [], options
     placement = region_requirements(policy.spec)
     where = ", ".join(policy.spec.regions) + (
         f" (zones {', '.join(policy.spec.zones)})" if policy.spec.zones else ""
@@ -272,7 +285,7 @@ def _residency(
         options = replace(options, otlp_endpoint=None)
         message += "; request spans not exported: the installation's OTLP endpoint is not in "
         message += "its telemetryEndpoints"
-    return (ConditionStatus.TRUE, "WithinPolicy", message), placement, options
+    return ResidencyVerdict(ConditionStatus.TRUE, Reason.WITHIN_POLICY, message), placement, options
 
 
 def _claims(kube: Kube, md: ModelDeployment) -> tuple[ClaimState, ...]:
@@ -355,7 +368,7 @@ def _revert_drift(
             "metadata": {**md.metadata, "name": md.name, "namespace": md.namespace},
         },
         type_="Warning",
-        reason="DriftReverted",
+        reason=EventReason.DRIFT_REVERTED,
         note=f"RayCluster {name} was changed outside the operator and put back: "
         f"{', '.join(drifted[:8])}{' …' if len(drifted) > 8 else ''}",
         action="Reconcile",
@@ -402,7 +415,7 @@ def _sync_worker_bounds(
 
 
 def forget(namespace: str, name: str) -> None:
-    condition_counts.update(f"{namespace}/{name}", None)
+    deployment_metrics.update(f"{namespace}/{name}", None)
     with _last_written_lock:
         _last_written.pop((namespace, name), None)
 

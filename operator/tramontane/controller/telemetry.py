@@ -104,7 +104,7 @@ _TENANT_GAUGES = (
 STATUSES = ("True", "False", "Unknown")
 
 
-class ConditionCounts:
+class KindMetrics:
     """Tracks each object's conditions so the MANAGED gauge counts objects, not events.
 
     A kind's reconcile series exist from the start, at 0: an error rate (and its alert) then reads
@@ -143,7 +143,7 @@ class ConditionCounts:
         """Hook for a kind's per-object series (called under the lock)."""
 
 
-class DeploymentConditions(ConditionCounts):
+class DeploymentMetrics(KindMetrics):
     """ModelDeployments (keys `namespace/name`): counts, and each one's conditions."""
 
     def _object_changed(
@@ -161,7 +161,7 @@ class DeploymentConditions(ConditionCounts):
                 )
 
 
-class TenantMetrics(ConditionCounts):
+class TenantMetrics(KindMetrics):
     """Tenants: condition counts, and each one's quota and what is counted against it."""
 
     def quota(

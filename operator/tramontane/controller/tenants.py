@@ -8,13 +8,20 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from tramontane.api.conditions import Condition, ConditionStatus, set_condition
+from tramontane.api.conditions import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    Reason,
+    set_condition,
+)
 from tramontane.api.labels import TENANT_LABEL
 from tramontane.api.tenancy import Tenant, TenantStatus
 from tramontane.controller import telemetry
 from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import NAMESPACE, TENANT, Kube
 from tramontane.render.rayservice import FIELD_MANAGER
+from tramontane.render.status import Verdict
 from tramontane.render.tenant import (
     TenancyError,
     TenantOptions,
@@ -24,7 +31,7 @@ from tramontane.render.tenant import (
 
 log = logging.getLogger(__name__)
 KIND = "Tenant"
-condition_counts = telemetry.TenantMetrics(KIND)
+tenant_metrics = telemetry.TenantMetrics(KIND)
 
 
 def users_of(kube: Kube, policy: str) -> list[str]:
@@ -71,20 +78,21 @@ def _quota_computed(quota: dict[str, Any]) -> bool:
     return status.get("hard") == hard and all(resource in used for resource in hard)
 
 
-def _verdict(
-    tenant: Tenant, kube: Kube, options: TenantOptions, facts: Facts
-) -> tuple[bool, str, str]:
+def _verdict(tenant: Tenant, kube: Kube, options: TenantOptions, facts: Facts) -> Verdict:
     """Apply the tenant's objects if it can be done safely; say what happened."""
     policy = facts.policy_of(tenant)
     if policy is None:
-        return (False, "ResidencyPolicyNotFound",
-                f"ResidencyPolicy {tenant.spec.residency_policy} does not exist")  # fmt: skip
+        return Verdict(
+            False,
+            Reason.RESIDENCY_POLICY_NOT_FOUND,
+            f"ResidencyPolicy {tenant.spec.residency_policy} does not exist",
+        )
     existing = kube.get(NAMESPACE, None, tenant.spec.namespace)
     owner = ((existing or {}).get("metadata", {}).get("labels") or {}).get(TENANT_LABEL)
     if existing is not None and not _ours(existing, tenant):
         whose = f"tenant {owner}" if owner else "no tenant"
         message = f"namespace {tenant.spec.namespace} already exists and belongs to {whose}"
-        return (False, "NamespaceTaken", message)
+        return Verdict(False, Reason.NAMESPACE_TAKEN, message)
     quota_computed = True
     upgrade_gpus = max((deployment.gpus for deployment in facts.deployments), default=0)
     for manifest in render_tenant(tenant, policy, options, upgrade_gpus):
@@ -94,12 +102,18 @@ def _verdict(
     if not quota_computed:
         # Quota admission refuses every ModelDeployment until the quota controller has computed
         # the quota's usage; the quota's status update brings us back here.
-        return (False, "QuotaPending",
-                f"waiting for the ResourceQuota of namespace {tenant.spec.namespace} to be "
-                "computed by the quota controller")  # fmt: skip
-    return (True, "Provisioned",
-            f"namespace {tenant.spec.namespace} with quota, limits, network policies and RBAC "
-            f"under residency policy {policy.name} ({policy.spec.jurisdiction})")  # fmt: skip
+        return Verdict(
+            False,
+            Reason.QUOTA_PENDING,
+            f"waiting for the ResourceQuota of namespace {tenant.spec.namespace} to be "
+            "computed by the quota controller",
+        )
+    return Verdict(
+        True,
+        Reason.PROVISIONED,
+        f"namespace {tenant.spec.namespace} with quota, limits, network policies and RBAC "
+        f"under residency policy {policy.name} ({policy.spec.jurisdiction})",
+    )
 
 
 def reconcile_tenant(
@@ -117,17 +131,17 @@ def reconcile_tenant(
             verdict = _verdict(tenant, kube, options, facts)
         except ApiException as error:
             result = "error"
-            verdict = (False, "ApplyFailed", f"{error.status} {error.reason}")
+            verdict = Verdict(False, Reason.APPLY_FAILED, f"{error.status} {error.reason}")
             log.warning("tenant %s: apply failed: %s", tenant.name, error.body)
         # Counted once the namespace is known to be ours.
-        deployments = facts.deployments if verdict[0] else ()
+        deployments = facts.deployments if verdict.ok else ()
         previous_raw = body.get("status") or {}
         previous = TenantStatus.model_validate(previous_raw) if previous_raw else None
         ready = Condition(
-            type="Ready",
-            status=ConditionStatus.TRUE if verdict[0] else ConditionStatus.FALSE,
-            reason=verdict[1],
-            message=verdict[2],
+            type=ConditionType.READY,
+            status=ConditionStatus.TRUE if verdict.ok else ConditionStatus.FALSE,
+            reason=verdict.reason,
+            message=verdict.message,
             last_transition_time=datetime.now(UTC).replace(microsecond=0),
             observed_generation=int(body["metadata"].get("generation", 0)),
         )
@@ -144,8 +158,8 @@ def reconcile_tenant(
                 if error.status != 404:
                     raise
                 return  # deleted meanwhile (its namespace goes with it): nothing to report on
-        condition_counts.update(tenant.name, {"Ready": ready.status.value})
-        condition_counts.quota(
+        tenant_metrics.update(tenant.name, {ConditionType.READY: ready.status.value})
+        tenant_metrics.quota(
             tenant.name,
             gpus=tenant.spec.quota.gpus,
             gpus_requested=status.gpus_in_use,

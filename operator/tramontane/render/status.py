@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from tramontane.api.conditions import Condition, ConditionStatus, find, set_condition
+from tramontane.api.conditions import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    Reason,
+    find,
+    set_condition,
+)
 from tramontane.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus
 from tramontane.render.rayservice import RenderOptions, endpoint, pod_selector
 
-RECONCILED = "Reconciled"
-RESIDENCY = "ResidencyCompliant"
-AVAILABLE = "Available"
-READY = "Ready"
-MODEL_SOURCE = "ModelSourceReady"
-PODS_HEALTHY = "PodsHealthy"
-UPGRADING = "Upgrading"
 _FAILED_APP_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
 # Container waiting reasons that do not resolve by waiting: the pod needs a fix (image, args,
 # config, memory). ContainerCreating and PodInitializing are normal steps and are not listed.
@@ -89,6 +89,23 @@ def pod_problem(pod: dict[str, Any]) -> PodProblem | None:
     return None
 
 
+class Verdict(NamedTuple):
+    """A condition's outcome: whether it holds, why (a Reason, or a failing container's own
+    reason) and the details."""
+
+    ok: bool
+    reason: str
+    message: str
+
+
+class ResidencyVerdict(NamedTuple):
+    """ResidencyCompliant as reconcile decided it (Unknown: the tenancy is in doubt)."""
+
+    status: ConditionStatus
+    reason: str
+    message: str
+
+
 @dataclass(frozen=True)
 class Observed:
     """What the controller saw of the children after applying them."""
@@ -96,8 +113,8 @@ class Observed:
     rayservice: dict[str, Any] | None
     raycluster: dict[str, Any] | None
     apply_error: str | None = None
-    # (status, reason, message) of ResidencyCompliant; None: the namespace has no tenant.
-    residency: tuple[ConditionStatus, str, str] | None = None
+    # None: the namespace has no tenant.
+    residency: ResidencyVerdict | None = None
     # The claims named by pvc:// sources; sources of other schemes are fetched by the engine.
     claims: tuple[ClaimState, ...] = ()
     # Serving pods that fail (see pod_problem), in name order.
@@ -150,16 +167,14 @@ def find_raw(conditions: list[dict[str, Any]], condition_type: str) -> dict[str,
     return next((c for c in conditions if c.get("type") == condition_type), None)
 
 
-Verdict = tuple[bool, str, str]  # (ok, reason, message)
-
-
-def _condition(md: ModelDeployment, now: datetime, kind: str, verdict: Verdict) -> Condition:
-    ok, reason, message = verdict
+def _condition(
+    md: ModelDeployment, now: datetime, kind: ConditionType, verdict: Verdict
+) -> Condition:
     return Condition(
         type=kind,
-        status=ConditionStatus.TRUE if ok else ConditionStatus.FALSE,
-        reason=reason,
-        message=message,
+        status=ConditionStatus.TRUE if verdict.ok else ConditionStatus.FALSE,
+        reason=verdict.reason,
+        message=verdict.message,
         last_transition_time=now,
         observed_generation=md.generation,
     )
@@ -181,28 +196,32 @@ def _availability(md: ModelDeployment, observed: Observed, ready_replicas: int) 
     not_running = _application_not_running(observed.rayservice, md.name)
     available: Verdict
     if observed.rayservice is None:
-        available = (False, "RayServiceMissing", f"RayService {md.name} does not exist yet")
+        available = Verdict(
+            False, Reason.RAY_SERVICE_MISSING, f"RayService {md.name} does not exist yet"
+        )
     elif raycluster is None:
-        available = (False, "WaitingForRayCluster", "KubeRay has not created the RayCluster yet")
+        available = Verdict(
+            False, Reason.WAITING_FOR_RAY_CLUSTER, "KubeRay has not created the RayCluster yet"
+        )
     elif failed_apps:
-        available = (False, "ServeApplicationFailed", brief("; ".join(failed_apps)))
+        available = Verdict(False, Reason.SERVE_APPLICATION_FAILED, brief("; ".join(failed_apps)))
     elif not _head_ready(raycluster):
-        available = (
+        available = Verdict(
             False,
-            "HeadNotReady",
+            Reason.HEAD_NOT_READY,
             f"Ray head of {raycluster['metadata']['name']} is not ready",
         )
     elif ready_replicas < needed:
-        available = (
-            False, "ReplicasNotReady",
+        available = Verdict(
+            False, Reason.REPLICAS_NOT_READY,
             f"{ready_replicas}/{needed} minimum serving replicas ready "
             f"(RayCluster {raycluster['metadata']['name']})",
         )  # fmt: skip
     elif not_running:
-        available = (False, "ServeApplicationNotRunning", not_running)
+        available = Verdict(False, Reason.SERVE_APPLICATION_NOT_RUNNING, not_running)
     else:
-        available = (
-            True, "ReplicasReady",
+        available = Verdict(
+            True, Reason.REPLICAS_READY,
             f"{ready_replicas} serving replicas ready (minimum {needed}) in RayCluster "
             f"{raycluster['metadata']['name']}",
         )  # fmt: skip
@@ -214,18 +233,30 @@ def _model_source(md: ModelDeployment, claims: tuple[ClaimState, ...]) -> Verdic
     schemes (s3, gs, hf) are fetched by the engine when it starts: the operator cannot see them."""
     missing = [claim.name for claim in claims if claim.phase is None]
     if missing:
-        return (False, "ClaimNotFound",
-                f"PersistentVolumeClaim {', '.join(missing)} named by the model sources does "
-                f"not exist in namespace {md.namespace}")  # fmt: skip
+        return Verdict(
+            False,
+            Reason.CLAIM_NOT_FOUND,
+            f"PersistentVolumeClaim {', '.join(missing)} named by the model sources "
+            f"does not exist in namespace {md.namespace}",
+        )
     unbound = [f"{claim.name} ({claim.phase})" for claim in claims if claim.phase != "Bound"]
     if unbound:
-        return (False, "ClaimNotBound",
-                f"PersistentVolumeClaim {', '.join(unbound)} is not bound to a volume")  # fmt: skip
+        return Verdict(
+            False,
+            Reason.CLAIM_NOT_BOUND,
+            f"PersistentVolumeClaim {', '.join(unbound)} is not bound to a volume",
+        )
     if claims:
-        return (True, "ClaimBound",
-                f"PersistentVolumeClaim {', '.join(c.name for c in claims)} bound")  # fmt: skip
-    return (True, "FetchedByEngine",
-            f"{md.spec.model.uri} is fetched by the engine when it starts")  # fmt: skip
+        return Verdict(
+            True,
+            Reason.CLAIM_BOUND,
+            f"PersistentVolumeClaim {', '.join(c.name for c in claims)} bound",
+        )
+    return Verdict(
+        True,
+        Reason.FETCHED_BY_ENGINE,
+        f"{md.spec.model.uri} is fetched by the engine when it starts",
+    )
 
 
 def _upgrading(rayservice: dict[str, Any] | None) -> Verdict:
@@ -236,24 +267,26 @@ def _upgrading(rayservice: dict[str, Any] | None) -> Verdict:
     pending = status.get("pendingServiceStatus", {}).get("rayClusterName")
     failed = _failed_applications(rayservice, "pendingServiceStatus")
     if active and pending and failed:
-        return (True, "NewClusterFailing",
-                brief(f"RayCluster {pending} fails with the changed engine configuration "
-                      f"({active} still serves): {'; '.join(failed)}"))  # fmt: skip
+        return Verdict(True, Reason.NEW_CLUSTER_FAILING,
+                       brief(f"RayCluster {pending} fails with the changed engine configuration "
+                             f"({active} still serves): {'; '.join(failed)}"))  # fmt: skip
     if active and pending:
-        return (True, "NewClusterStarting",
-                f"RayCluster {pending} is starting with the changed engine configuration; "
-                f"{active} serves until it runs")  # fmt: skip
+        return Verdict(True, Reason.NEW_CLUSTER_STARTING,
+                       f"RayCluster {pending} is starting with the changed engine configuration; "
+                       f"{active} serves until it runs")  # fmt: skip
     if active:
-        return (False, "UpToDate", f"RayCluster {active} serves the current engine configuration")
-    return (False, "NotServingYet", "no RayCluster serves yet")
+        return Verdict(
+            False, Reason.UP_TO_DATE, f"RayCluster {active} serves the current engine configuration"
+        )
+    return Verdict(False, Reason.NOT_SERVING_YET, "no RayCluster serves yet")
 
 
 def _pods_healthy(problems: tuple[PodProblem, ...]) -> Verdict:
     if not problems:
-        return (True, "NoFailingPods", "no serving pod is failing")
+        return Verdict(True, Reason.NO_FAILING_PODS, "no serving pod is failing")
     # The first failing pod's container reason (CrashLoopBackOff, ImagePullBackOff…) says what
     # kind of fix is needed; the message lists every failing pod.
-    return (False, problems[0].reason, brief("; ".join(p.message for p in problems)))
+    return Verdict(False, problems[0].reason, brief("; ".join(p.message for p in problems)))
 
 
 def compute_status(
@@ -266,36 +299,36 @@ def compute_status(
 ) -> ModelDeploymentStatus:
     conditions = list(previous.conditions) if previous else []
 
-    verdict = observed.residency
-    if observed.apply_error:
-        reconciled = _condition(md, now, RECONCILED, (False, "ApplyFailed", observed.apply_error))
-    elif verdict is not None and verdict[0] is ConditionStatus.FALSE:
-        # Nothing was applied: the operator removed what ran, so the spec is not served.
-        reconciled = _condition(
-            md, now, RECONCILED,
-            (False, "Withdrawn", f"RayService {md.name} withdrawn, nothing runs: "
-             f"ResidencyCompliant is False ({verdict[1]})"),
-        )  # fmt: skip
-    elif verdict is not None and verdict[0] is ConditionStatus.UNKNOWN:
-        reconciled = _condition(
-            md, now, RECONCILED,
-            (False, "Held", f"nothing applied while the tenancy is in doubt: {verdict[2]}"),
-        )  # fmt: skip
-    else:
-        reconciled = _condition(
-            md, now, RECONCILED,
-            (True, "Applied", f"RayService {md.name} and PodMonitor {md.name} match the spec"),
-        )  # fmt: skip
-    conditions = set_condition(conditions, reconciled)
-    residency_status, residency_reason, residency_message = observed.residency or (
-        ConditionStatus.UNKNOWN, "NoTenant",
+    residency_verdict = observed.residency or ResidencyVerdict(
+        ConditionStatus.UNKNOWN, Reason.NO_TENANT,
         f"namespace {md.namespace} belongs to no Tenant: no residency policy applies",
     )  # fmt: skip
+    if observed.apply_error:
+        reconciled_verdict = Verdict(False, Reason.APPLY_FAILED, observed.apply_error)
+    elif observed.residency and observed.residency.status is ConditionStatus.FALSE:
+        # Nothing was applied: the operator removed what ran, so the spec is not served.
+        reconciled_verdict = Verdict(
+            False, Reason.WITHDRAWN,
+            f"RayService {md.name} withdrawn, nothing runs: "
+            f"ResidencyCompliant is False ({observed.residency.reason})",
+        )  # fmt: skip
+    elif observed.residency and observed.residency.status is ConditionStatus.UNKNOWN:
+        reconciled_verdict = Verdict(
+            False, Reason.HELD,
+            f"nothing applied while the tenancy is in doubt: {observed.residency.message}",
+        )  # fmt: skip
+    else:
+        reconciled_verdict = Verdict(
+            True, Reason.APPLIED,
+            f"RayService {md.name} and PodMonitor {md.name} match the spec",
+        )  # fmt: skip
+    reconciled = _condition(md, now, ConditionType.RECONCILED, reconciled_verdict)
+    conditions = set_condition(conditions, reconciled)
     residency = Condition(
-        type=RESIDENCY,
-        status=residency_status,
-        reason=residency_reason,
-        message=residency_message,
+        type=ConditionType.RESIDENCY_COMPLIANT,
+        status=residency_verdict.status,
+        reason=residency_verdict.reason,
+        message=residency_verdict.message,
         last_transition_time=now,
         observed_generation=md.generation,
     )
@@ -306,28 +339,31 @@ def compute_status(
     replicas = int(status.get("availableWorkerReplicas", 0))
     ready_replicas = int(status.get("readyWorkerReplicas", 0))
     available = _availability(md, observed, ready_replicas)
-    conditions = set_condition(conditions, _condition(md, now, AVAILABLE, available))
     model_source = _model_source(md, observed.claims)
-    conditions = set_condition(conditions, _condition(md, now, MODEL_SOURCE, model_source))
     pods_healthy = _pods_healthy(observed.pod_problems)
-    conditions = set_condition(conditions, _condition(md, now, PODS_HEALTHY, pods_healthy))
     upgrading = _upgrading(observed.rayservice)
-    conditions = set_condition(conditions, _condition(md, now, UPGRADING, upgrading))
+    for kind, verdict in (
+        (ConditionType.AVAILABLE, available),
+        (ConditionType.MODEL_SOURCE_READY, model_source),
+        (ConditionType.PODS_HEALTHY, pods_healthy),
+        (ConditionType.UPGRADING, upgrading),
+    ):
+        conditions = set_condition(conditions, _condition(md, now, kind, verdict))
 
     ready: Verdict
     if residency.status is ConditionStatus.FALSE:
-        ready = (False, residency.reason, residency.message)
+        ready = Verdict(False, residency.reason, residency.message)
     elif reconciled.status is not ConditionStatus.TRUE:
-        ready = (False, reconciled.reason, reconciled.message)
-    elif not model_source[0]:
+        ready = Verdict(False, reconciled.reason, reconciled.message)
+    elif not model_source.ok:
         ready = model_source
-    elif not available[0] and not pods_healthy[0]:
+    elif not available.ok and not pods_healthy.ok:
         ready = pods_healthy  # why it is unavailable: the container's own reason
-    elif not available[0]:
-        ready = (False, available[1], available[2])
+    elif not available.ok:
+        ready = available
     else:
-        ready = (True, "Ready", f"serving {md.served_name} at {endpoint(md, options)}")
-    conditions = set_condition(conditions, _condition(md, now, READY, ready))
+        ready = Verdict(True, Reason.READY, f"serving {md.served_name} at {endpoint(md, options)}")
+    conditions = set_condition(conditions, _condition(md, now, ConditionType.READY, ready))
 
     return ModelDeploymentStatus(
         observed_generation=md.generation,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tramontane.api.base import API_VERSION, GROUP
+from tramontane.api.conditions import Reason
 from tramontane.api.labels import (
     JURISDICTION_LABEL,
     MANAGED_BY_LABEL,
@@ -43,7 +44,7 @@ class TenantOptions:
 class TenancyError(ValueError):
     """A namespace whose tenancy cannot be trusted; `reason` is the condition reason."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -61,12 +62,12 @@ def owning_tenant(namespace: str, labels: Mapping[str, str], claimants: Iterable
     """
     candidates = {tenant.name: tenant for tenant in claimants}
     if not candidates:
-        raise TenancyError("NoTenant", f"namespace {namespace} belongs to no Tenant")
+        raise TenancyError(Reason.NO_TENANT, f"namespace {namespace} belongs to no Tenant")
     labelled = labels.get(TENANT_LABEL)
     owner = candidates.get(labelled or "")
     if owner is None:
         raise TenancyError(
-            "TenancyMismatch",
+            Reason.TENANCY_MISMATCH,
             f"namespace {namespace} is claimed by Tenant {', '.join(sorted(candidates))} but "
             f"labelled {TENANT_LABEL}={labelled or '(none)'}: refused until the operator "
             "restores the label",
@@ -74,7 +75,7 @@ def owning_tenant(namespace: str, labels: Mapping[str, str], claimants: Iterable
     policy = labels.get(POLICY_LABEL)
     if policy != owner.spec.residency_policy:
         raise TenancyError(
-            "TenancyMismatch",
+            Reason.TENANCY_MISMATCH,
             f"namespace {namespace} is labelled {POLICY_LABEL}={policy or '(none)'} but its "
             f"Tenant {owner.name} has residencyPolicy {owner.spec.residency_policy}: refused "
             "until the operator restores the label",

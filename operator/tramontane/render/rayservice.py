@@ -11,7 +11,6 @@ from typing import Any
 
 import yaml
 
-from tramontane.api.base import API_VERSION
 from tramontane.api.labels import (
     DEPLOYMENT_LABEL,
     ENGINE_CONFIG_ANNOTATION,
@@ -31,6 +30,7 @@ from tramontane.api.serving import (
     engine_deployment_name,
 )
 from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
+from tramontane.render.owner import owner_reference
 
 FIELD_MANAGER = "tramontane"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -110,17 +110,6 @@ def labels(md: ModelDeployment) -> dict[str, str]:
         PART_OF_LABEL: "tramontane",
         DEPLOYMENT_LABEL: md.name,
         TENANT_LABEL: md.namespace,
-    }
-
-
-def owner_reference(md: ModelDeployment) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": md.KIND,
-        "name": md.name,
-        "uid": md.metadata["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
     }
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tramontane.api.base import API_VERSION, GROUP
+from tramontane.api.base import GROUP
 from tramontane.api.conditions import Reason
 from tramontane.api.labels import (
     JURISDICTION_LABEL,
@@ -21,6 +21,7 @@ from tramontane.api.labels import (
     TENANT_LABEL,
 )
 from tramontane.api.tenancy import ResidencyPolicy, Subjects, Tenant
+from tramontane.render.owner import owner_reference
 from tramontane.render.rayservice import GPU_RESOURCE, METRICS_PORT, SERVE_PORT
 
 ADMIN_ROLE = "tramontane-tenant-admin"
@@ -91,22 +92,11 @@ def tenant_labels(tenant: Tenant) -> dict[str, str]:
     }
 
 
-def _owner(tenant: Tenant) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "Tenant",
-        "name": tenant.name,
-        "uid": tenant.metadata["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def _meta(tenant: Tenant, name: str, namespaced: bool = True) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,
         "labels": tenant_labels(tenant),
-        "ownerReferences": [_owner(tenant)],
+        "ownerReferences": [owner_reference(tenant)],
     }
     if namespaced:
         meta["namespace"] = tenant.spec.namespace

@@ -12,7 +12,9 @@ from tramontane.api.labels import POLICY_LABEL, TENANT_LABEL
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.policy.residency import (
+    ResidencyError,
     disallowed_sources,
+    governing_policy,
     gpus_at_max_scale,
     quota_violation,
     region_requirements,
@@ -73,6 +75,23 @@ def test_disallowed_sources_lists_model_and_adapters() -> None:
     deployment = md()  # s3://acme-eu-models/... with two s3 adapters
     assert len(disallowed_sources(deployment, preset("eu").spec)) == 3
     assert disallowed_sources(deployment, preset("unrestricted").spec) == []
+
+
+def test_the_governing_policy_is_the_tenants_when_it_allows_every_source() -> None:
+    """The one residency check of admission and reconcile (they refuse or withdraw on it)."""
+    allowing = preset("unrestricted")
+    assert governing_policy(md(), tenant(), allowing) is allowing
+    with pytest.raises(ResidencyError) as missing:
+        governing_policy(md(), tenant(), None)
+    assert missing.value.reason == "ResidencyPolicyNotFound"
+    assert missing.value.field is None
+    assert str(missing.value) == "ResidencyPolicy eu of tenant acme does not exist"
+    with pytest.raises(ResidencyError) as denied:
+        governing_policy(md(), tenant(), preset("eu"))
+    assert denied.value.reason == "ModelSourceNotAllowed"
+    assert denied.value.field == "spec.model.uri/spec.adapters"
+    assert f"{md().spec.model.uri}, " in str(denied.value)
+    assert "not allowed by ResidencyPolicy eu of tenant acme (modelSources: " in str(denied.value)
 
 
 def test_region_requirements_pin_head_and_workers() -> None:

@@ -42,7 +42,12 @@ from tramontane.controller.kube import (
 )
 from tramontane.controller.peering import Mode
 from tramontane.controller.settings import TramontaneSettings
-from tramontane.policy.residency import disallowed_sources, gpus_at_max_scale, quota_violation
+from tramontane.policy.residency import (
+    ResidencyError,
+    governing_policy,
+    gpus_at_max_scale,
+    quota_violation,
+)
 from tramontane.render.tenant import TenancyError
 
 log = logging.getLogger(__name__)
@@ -221,18 +226,10 @@ def _placement_check(md: ModelDeployment, facts: Facts) -> Tenant:
         raise Denied(
             f"{error}: ModelDeployments can only be created in a tenant's namespace"
         ) from None
-    policy = facts.policy_of(tenant)
-    if policy is None:
-        raise Denied(
-            f"ResidencyPolicy {tenant.spec.residency_policy} of tenant {tenant.name} does not exist"
-        )
-    denied = disallowed_sources(md, policy.spec)
-    if denied:
-        raise Denied(
-            f"spec.model.uri/spec.adapters: {', '.join(denied)} not allowed by ResidencyPolicy "
-            f"{policy.name} of tenant {tenant.name} (modelSources: "
-            f"{', '.join(policy.spec.model_sources)})"
-        )
+    try:
+        policy = governing_policy(md, tenant, facts.policy_of(tenant))
+    except ResidencyError as refusal:
+        raise Denied(f"{refusal.field}: {refusal}" if refusal.field else str(refusal)) from None
     regions = set(facts.regions.get(md.spec.accelerator.type.value, ()))
     if policy.spec.regions != ["*"]:
         regions &= set(policy.spec.regions)

@@ -30,7 +30,8 @@ from tramontane.controller.kube import (
     Kube,
 )
 from tramontane.policy.residency import (
-    disallowed_sources,
+    ResidencyError,
+    governing_policy,
     region_requirements,
     telemetry_allowed,
 )
@@ -255,25 +256,10 @@ def _residency(
         tenant = facts.owner()
     except TenancyError as error:
         return ResidencyVerdict(ConditionStatus.UNKNOWN, error.reason, str(error)), [], options
-    policy_name = tenant.spec.residency_policy
-    policy = facts.policy_of(tenant)
-    if policy is None:
-        # Fail closed: without its policy we cannot know where the model may run.
-        refused = ResidencyVerdict(
-            ConditionStatus.FALSE,
-            Reason.RESIDENCY_POLICY_NOT_FOUND,
-            f"ResidencyPolicy {policy_name!r} of tenant {tenant.name} does not exist",
-        )
-        return refused, [], options
-    denied = disallowed_sources(md, policy.spec)
-    if denied:
-        refused = ResidencyVerdict(
-            ConditionStatus.FALSE,
-            Reason.MODEL_SOURCE_NOT_ALLOWED,
-            f"{', '.join(denied)} not allowed by ResidencyPolicy {policy.name} "
-            f"(modelSources: {', '.join(policy.spec.model_sources)})",
-        )
-        return refused, [], options
+    try:
+        policy = governing_policy(md, tenant, facts.policy_of(tenant))
+    except ResidencyError as refusal:
+        return ResidencyVerdict(ConditionStatus.FALSE, refusal.reason, str(refusal)), [], options
     placement = region_requirements(policy.spec)
     where = ", ".join(policy.spec.regions) + (
         f" (zones {', '.join(policy.spec.zones)})" if policy.spec.zones else ""

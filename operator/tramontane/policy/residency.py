@@ -6,8 +6,9 @@ import re
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
+from tramontane.api.conditions import Reason
 from tramontane.api.labels import REGION_LABEL, ZONE_LABEL
-from tramontane.api.tenancy import ResidencyPolicySpec, Tenant
+from tramontane.api.tenancy import ResidencyPolicy, ResidencyPolicySpec, Tenant
 from tramontane.api.v1alpha1 import ModelDeployment
 
 
@@ -29,6 +30,40 @@ def disallowed_sources(md: ModelDeployment, policy: ResidencyPolicySpec) -> list
     """The model and adapter URIs of a deployment that the policy does not allow."""
     uris = [md.spec.model.uri, *(adapter.uri for adapter in md.spec.adapters)]
     return [uri for uri in uris if not source_allowed(uri, policy.model_sources)]
+
+
+class ResidencyError(ValueError):
+    """A deployment that its tenant's residency policy does not let run. `reason`: the
+    ResidencyCompliant reason; `field`: the spec field at fault, if one is."""
+
+    def __init__(self, reason: Reason, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+
+
+def governing_policy(
+    md: ModelDeployment, tenant: Tenant, policy: ResidencyPolicy | None
+) -> ResidencyPolicy:
+    """The ResidencyPolicy `md` runs under: `policy`, its tenant's (None: it does not exist).
+    Admission refuses and reconcile withdraws a deployment this raises ResidencyError for:
+    a missing policy fails closed (without it we cannot know where the model may run), and
+    every model and adapter source must be one the policy allows."""
+    if policy is None:
+        raise ResidencyError(
+            Reason.RESIDENCY_POLICY_NOT_FOUND,
+            f"ResidencyPolicy {tenant.spec.residency_policy} of tenant {tenant.name} does not "
+            "exist",
+        )
+    denied = disallowed_sources(md, policy.spec)
+    if denied:
+        raise ResidencyError(
+            Reason.MODEL_SOURCE_NOT_ALLOWED,
+            f"{', '.join(denied)} not allowed by ResidencyPolicy {policy.name} of tenant "
+            f"{tenant.name} (modelSources: {', '.join(policy.spec.model_sources)})",
+            field="spec.model.uri/spec.adapters",
+        )
+    return policy
 
 
 def telemetry_allowed(endpoint: str, policy: ResidencyPolicySpec) -> bool:

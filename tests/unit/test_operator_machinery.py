@@ -16,7 +16,6 @@ from kubernetes.client.exceptions import ApiException
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.controller import admission, kube, peering, reconcile
-from tramontane.controller.children import ChildCache
 from tramontane.controller.indexes import (
     DeploymentFacts,
     Facts,
@@ -24,6 +23,7 @@ from tramontane.controller.indexes import (
     regions_by_accelerator,
 )
 from tramontane.controller.peering import Mode
+from tramontane.controller.watch_cache import ChildCache
 from tramontane.render.tenant import TenancyError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -31,7 +31,6 @@ from tramontane.api.labels import ADMISSION_LABEL, DEPLOYMENT_LABEL, TENANT_LABE
 from tramontane.api.tenancy import ResidencyPolicy
 from tramontane.controller import (
     admission,
-    children,
     indexes,
     peering,
     reconcile,
@@ -41,6 +40,7 @@ from tramontane.controller import (
 from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import BINDING, MODELDEPLOYMENT, POD, TENANT, Kube
 from tramontane.controller.settings import TramontaneSettings
+from tramontane.controller.watch_cache import child_cache, child_filter, pod_problems
 from tramontane.render.admission import render_bindings
 from tramontane.render.rayservice import FIELD_MANAGER, RenderOptions
 from tramontane.render.status import pod_problem
@@ -207,11 +207,11 @@ async def _owner_event(
 ) -> None:  # fmt: skip
     meta = body.get("metadata", {})
     if event.get("type") == "DELETED":
-        children.cache.forget(kind, meta.get("namespace", ""), meta.get("name", ""))
+        child_cache.forget(kind, meta.get("namespace", ""), meta.get("name", ""))
     else:
-        children.cache.observe({"kind": kind, **dict(body)})
+        child_cache.observe({"kind": kind, **dict(body)})
     owner = meta.get("labels", {}).get(DEPLOYMENT_LABEL)
-    if owner and namespace and children.child_filter.changed(kind, event, dict(body)):
+    if owner and namespace and child_filter.changed(kind, event, dict(body)):
         await _reconcile(namespace, owner, kwargs)
 
 
@@ -245,13 +245,13 @@ async def claim_event(event: kopf.RawEvent, body: kopf.Body, name: str, namespac
     whose pvc:// sources name it."""
     if namespace is None:
         return
-    before = children.cache.observed("PersistentVolumeClaim", namespace, name)
+    before = child_cache.observed("PersistentVolumeClaim", namespace, name)
     if event.get("type") == "DELETED":
-        children.cache.forget("PersistentVolumeClaim", namespace, name)
+        child_cache.forget("PersistentVolumeClaim", namespace, name)
         after = None
     else:
-        children.cache.observe({"kind": "PersistentVolumeClaim", **dict(body)})
-        after = children.cache.observed("PersistentVolumeClaim", namespace, name)
+        child_cache.observe({"kind": "PersistentVolumeClaim", **dict(body)})
+        after = child_cache.observed("PersistentVolumeClaim", namespace, name)
     if before is not None and after is not None and _phase(before) == _phase(after):
         return  # a resize or a label: nothing deployments report on
     for deployment in list(kwargs["deployments"].get(namespace, ())):
@@ -273,7 +273,7 @@ async def serving_pod_event(event: kopf.RawEvent, body: kopf.Body, name: str,
     if namespace is None or not owner:
         return
     problem = None if event.get("type") == "DELETED" else pod_problem(dict(body))
-    if children.pod_problems.observe(namespace, owner, name, problem):
+    if pod_problems.observe(namespace, owner, name, problem):
         await _reconcile(namespace, owner, kwargs)
 
 

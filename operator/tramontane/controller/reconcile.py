@@ -20,7 +20,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tramontane.api.conditions import ConditionStatus, ConditionType, EventReason, Reason, find
 from tramontane.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus
-from tramontane.controller import children, telemetry
+from tramontane.controller import telemetry
 from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import (
     MODELDEPLOYMENT,
@@ -29,6 +29,7 @@ from tramontane.controller.kube import (
     RAYSERVICE,
     Kube,
 )
+from tramontane.controller.watch_cache import child_cache, child_filter, pod_problems
 from tramontane.policy.residency import (
     ResidencyError,
     governing_policy,
@@ -126,7 +127,7 @@ def reconcile_modeldeployment(
         raycluster = None
         cluster_name = serving_cluster_name(rayservice)
         if cluster_name:
-            raycluster = children.cache.observed("RayCluster", md.namespace, cluster_name)
+            raycluster = child_cache.observed("RayCluster", md.namespace, cluster_name)
             raycluster = raycluster or kube.get(RAYCLUSTER, md.namespace, cluster_name)
         previous = _status_of(body)
         status = compute_status(
@@ -137,7 +138,7 @@ def reconcile_modeldeployment(
                 apply_error=apply_error,
                 residency=residency,
                 claims=_claims(kube, md),
-                pod_problems=children.pod_problems.of(md.namespace, md.name),
+                pod_problems=pod_problems.of(md.namespace, md.name),
             ),
             previous=previous,
             options=options,
@@ -279,7 +280,7 @@ def _claims(kube: Kube, md: ModelDeployment) -> tuple[ClaimState, ...]:
     watch has not listed them yet, e.g. right after a restart)."""
     states = []
     for name in model_claims(md):
-        claim = children.cache.observed("PersistentVolumeClaim", md.namespace, name)
+        claim = child_cache.observed("PersistentVolumeClaim", md.namespace, name)
         if claim is None:
             try:
                 claim = kube.get(PERSISTENTVOLUMECLAIM, md.namespace, name)
@@ -304,11 +305,11 @@ def _apply_children(
     """Apply every child that is not already as rendered; returns the RayService as it is."""
     rayservice: dict[str, Any] = {}
     for manifest in render_children(md, options, placement):
-        applied = children.cache.up_to_date(manifest)
+        applied = child_cache.up_to_date(manifest)
         if applied is None:
             applied = kube.apply(manifest, FIELD_MANAGER)
-            children.cache.record_apply(manifest, applied)
-            children.child_filter.record(manifest["kind"], applied)
+            child_cache.record_apply(manifest, applied)
+            child_filter.record(manifest["kind"], applied)
         if manifest["kind"] == "RayService":
             rayservice = applied
             _sync_worker_bounds(kube, md, manifest, applied)
@@ -331,17 +332,17 @@ def _revert_drift(
     ).get("rayClusterName")
     if not name:
         return
-    if children.cache.drift_checked(md.namespace, name):
+    if child_cache.drift_checked(md.namespace, name):
         return  # its spec has not changed since it was last found as rendered
     # The comparison needs the whole spec: the cache keeps it until this check has seen it.
     # Not seen yet: its first event reconciles the deployment again.
-    raycluster = children.cache.unchecked_raycluster(md.namespace, name)
+    raycluster = child_cache.unchecked_raycluster(md.namespace, name)
     if raycluster is None:
         return
     rendered = manifest["spec"]["rayClusterConfig"]
     drifted = cluster_drift(rendered, raycluster)
     if not drifted:
-        children.cache.record_drift_check(raycluster)
+        child_cache.record_drift_check(raycluster)
         return
     if not _patch_raycluster(kube, md, name, drift_revert_patch(rendered, raycluster)):
         return
@@ -365,7 +366,7 @@ def _revert_drift(
 def _raycluster(md: ModelDeployment, name: str) -> dict[str, Any] | None:
     """A RayCluster of the deployment as the watch last saw it; None if not seen yet (its
     first event reconciles the deployment again)."""
-    return children.cache.observed("RayCluster", md.namespace, name)
+    return child_cache.observed("RayCluster", md.namespace, name)
 
 
 def _patch_raycluster(
@@ -379,7 +380,7 @@ def _patch_raycluster(
         if error.status not in (404, 409, 422):
             raise
         return False
-    children.cache.observe({"kind": "RayCluster", **patched})
+    child_cache.observe({"kind": "RayCluster", **patched})
     return True
 
 

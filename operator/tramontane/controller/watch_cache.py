@@ -1,4 +1,6 @@
-"""What the operator knows of its children between reconciles, from its own watches.
+"""A cache of what the operator knows of its children between reconciles, from its own watches:
+the children themselves (child_cache), their failing pods (pod_problems) and which of their
+events matter (child_filter).
 
 RayClusters are kept trimmed (metadata, status, worker bounds), except for one whose spec at
 its current generation was not compared with the render yet: its whole spec stays until the
@@ -162,7 +164,7 @@ class ChildCache:
         return observed
 
 
-cache = ChildCache()
+child_cache = ChildCache()
 
 
 class PodProblems:

@@ -64,7 +64,7 @@ def _ours(namespace: dict[str, Any], tenant: Tenant) -> bool:
     would delete it."""
     uid = tenant.metadata.get("uid")
     return any(
-        ref.get("controller") and ref.get("kind") == "Tenant" and ref.get("uid") == uid
+        ref.get("controller") and ref.get("kind") == Tenant.KIND and ref.get("uid") == uid
         for ref in namespace.get("metadata", {}).get("ownerReferences") or []
     )
 

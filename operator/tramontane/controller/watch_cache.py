@@ -23,7 +23,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from tramontane.render.status import PodProblem
+from tramontane.render.status import HEAD_POD_READY, PodProblem
 
 Key = tuple[str, str, str]  # kind, namespace, name
 
@@ -245,7 +245,7 @@ def status_fingerprint(body: Mapping[str, Any]) -> object:
             status.get("state"),
             status.get("readyWorkerReplicas"),
             status.get("availableWorkerReplicas"),
-            conditions.get("HeadPodReady"),
+            conditions.get(HEAD_POD_READY),
         )
     if body.get("kind") == "RayService":
         return tuple(

@@ -18,6 +18,8 @@ from tramontane.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus
 from tramontane.render.rayservice import RenderOptions, endpoint, pod_selector
 
 _FAILED_APP_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
+# KubeRay's RayCluster condition that its head pod is ready.
+HEAD_POD_READY = "HeadPodReady"
 # Container waiting reasons that do not resolve by waiting: the pod needs a fix (image, args,
 # config, memory). ContainerCreating and PodInitializing are normal steps and are not listed.
 FAILING_WAITING_REASONS = frozenset(
@@ -159,7 +161,7 @@ def _application_not_running(rayservice: dict[str, Any] | None, name: str) -> st
 
 def _head_ready(raycluster: dict[str, Any]) -> bool:
     status = raycluster.get("status", {})
-    head = find_raw(status.get("conditions", []), "HeadPodReady")
+    head = find_raw(status.get("conditions", []), HEAD_POD_READY)
     return status.get("state") == "ready" or (head or {}).get("status") == "True"
 
 

@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from tramontane import __version__
+from tramontane.api.conditions import ConditionStatus
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ _TENANT_GAUGES = (
     TENANT_DEPLOYMENT_QUOTA,
     TENANT_DEPLOYMENTS,
 )
-STATUSES = ("True", "False", "Unknown")
+STATUSES = tuple(status.value for status in ConditionStatus)
 
 
 class KindMetrics:

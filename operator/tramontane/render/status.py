@@ -162,7 +162,7 @@ def _application_not_running(rayservice: dict[str, Any] | None, name: str) -> st
 def _head_ready(raycluster: dict[str, Any]) -> bool:
     status = raycluster.get("status", {})
     head = find_raw(status.get("conditions", []), HEAD_POD_READY)
-    return status.get("state") == "ready" or (head or {}).get("status") == "True"
+    return status.get("state") == "ready" or (head or {}).get("status") == ConditionStatus.TRUE
 
 
 def find_raw(conditions: list[dict[str, Any]], condition_type: str) -> dict[str, Any] | None:

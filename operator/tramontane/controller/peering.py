@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from tramontane.controller.kube import CLUSTERKOPFPEERING, Kube
 
@@ -118,6 +118,13 @@ def is_active(
     return True
 
 
+class Reading(NamedTuple):
+    """The mode the peering record gave, and when it was read (time.monotonic())."""
+
+    at: float
+    mode: Mode
+
+
 class Standing:
     """This replica's place among its peers (no peering name: standalone, always active)."""
 
@@ -129,7 +136,7 @@ class Standing:
         self.identity = os.environ.get("POD_ID") or f"{socket.gethostname()}-{os.getpid()}"
         self.priority = priority_from_start()
         self._lock = threading.Lock()
-        self._verdict: tuple[float, Mode] | None = None
+        self._reading: Reading | None = None
         self._resumed_at: float | None = None  # when we last went from standby to deciding
         # Whether kopf's record of this replica was seen: until then the standing is unknown.
         self.announced = name is None
@@ -139,9 +146,9 @@ class Standing:
         if self.name is None:
             return Mode.MEMORY
         with self._lock:
-            if self._verdict is None or time.monotonic() - self._verdict[0] >= CACHE_S:
+            if self._reading is None or time.monotonic() - self._reading.at >= CACHE_S:
                 return None
-            return self._settled(self._verdict[1], time.monotonic())
+            return self._settled(self._reading.mode, time.monotonic())
 
     def mode(self) -> Mode:
         """How this replica decides admissions now (reads the peering record every CACHE_S)."""
@@ -149,7 +156,7 @@ class Standing:
             return Mode.MEMORY
         with self._lock:
             now = time.monotonic()
-            if self._verdict is None or now - self._verdict[0] >= CACHE_S:
+            if self._reading is None or now - self._reading.at >= CACHE_S:
                 body = self._client().get(CLUSTERKOPFPEERING, None, self.name) or {}
                 status = body.get("status") or {}
                 self.announced = self.announced or self.identity in status
@@ -159,11 +166,11 @@ class Standing:
                     self.priority,
                     datetime.datetime.now(datetime.UTC),
                 )
-                was = self._verdict[1] if self._verdict else None
+                was = self._reading.mode if self._reading else None
                 if mode is not Mode.STANDBY and was is Mode.STANDBY:
                     self._resumed_at = now
-                self._verdict = (now, mode)
-            return self._settled(self._verdict[1], now)
+                self._reading = Reading(now, mode)
+            return self._settled(self._reading.mode, now)
 
     def _settled(self, mode: Mode, now: float) -> Mode:
         resumed = self._resumed_at

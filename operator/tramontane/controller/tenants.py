@@ -78,7 +78,7 @@ def _quota_computed(quota: dict[str, Any]) -> bool:
     return status.get("hard") == hard and all(resource in used for resource in hard)
 
 
-def _verdict(tenant: Tenant, kube: Kube, options: TenantOptions, facts: Facts) -> Verdict:
+def _provision(tenant: Tenant, kube: Kube, options: TenantOptions, facts: Facts) -> Verdict:
     """Apply the tenant's objects if it can be done safely; say what happened."""
     policy = facts.policy_of(tenant)
     if policy is None:
@@ -128,7 +128,7 @@ def reconcile_tenant(
     ):
         result = "success"
         try:
-            verdict = _verdict(tenant, kube, options, facts)
+            verdict = _provision(tenant, kube, options, facts)
         except ApiException as error:
             result = "error"
             verdict = Verdict(False, Reason.APPLY_FAILED, f"{error.status} {error.reason}")

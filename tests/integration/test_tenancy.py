@@ -472,7 +472,7 @@ def test_tenant_namespace_is_immutable(cluster: Kubectl, make_tenant: Any) -> No
     with pytest.raises(KubectlError) as rejected:
         cluster.run("patch", "tenant", name, "--type=merge", "-p",
                     json.dumps({"spec": {"namespace": "elsewhere"}}))  # fmt: skip
-    assert "namespace is immutable" in rejected.value.stderr
+    assert "namespace is immutable: create a new Tenant" in rejected.value.stderr
 
 
 def _pod(name: str, **spec: Any) -> dict[str, Any]:

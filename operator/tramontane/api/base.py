@@ -50,7 +50,8 @@ def rules(*cel_rules: dict[str, str]) -> ConfigDict:
     return ConfigDict(**ApiModel.model_config, json_schema_extra=validations(*cel_rules))
 
 
-def immutable(name: str) -> dict[str, Any]:
+def immutable(name: str, kind: str) -> dict[str, Any]:
+    """CEL: the field never changes once set; the message says which object to create instead."""
     return validations(
-        cel("self == oldSelf", f"{name} is immutable: create a new ModelDeployment to change it")
+        cel("self == oldSelf", f"{name} is immutable: create a new {kind} to change it")
     )

@@ -170,7 +170,7 @@ class TenantSpec(ApiModel):
         description="The tenant's namespace (created and owned by the Tenant). Immutable.",
         pattern=DNS_LABEL,
         max_length=63,
-        json_schema_extra=immutable("namespace"),
+        json_schema_extra=immutable("namespace", "Tenant"),
     )
     residency_policy: str = Field(
         description="Name of the ResidencyPolicy that binds this tenant.",

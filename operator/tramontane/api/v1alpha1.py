@@ -195,7 +195,7 @@ class Accelerator(ApiModel):
         default=AcceleratorType.H100,
         description="GPU model (H100, H200, A100, L40S) or CPU. Immutable: a different GPU "
         "type is a different capacity and quota decision.",
-        json_schema_extra=immutable("accelerator.type"),
+        json_schema_extra=immutable("accelerator.type", "ModelDeployment"),
     )
     count: int | None = Field(
         default=None,

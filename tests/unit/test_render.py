@@ -24,7 +24,7 @@ from tramontane.render.rayservice import (
     worker_bounds_patch,
 )
 from tramontane.render.status import Observed, compute_status, transitions
-from tramontane.serving.app import parse_args
+from tramontane.serving.config import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 OPTIONS = RenderOptions()

@@ -111,8 +111,9 @@ format: venv ## Apply ruff's formatting and safe fixes
 test: venv venv-serving binaries $(NODE_IMAGES) lint ## The whole suite: lint, unit, integration and serving tests
 	@$(IN_CLUSTER) $(SPY) -m pytest
 
-test-unit: venv-serving prometheus ## Unit tests only (no cluster, no engine; promtool checks the alert rules)
-	@$(SPY) -m pytest -m "not integration and not serving"
+# The dev environment is enough: tests that need Ray, vLLM or torch are in tests/serving.
+test-unit: venv prometheus ## Unit tests only, in the dev environment (no cluster, no engine; promtool checks the alert rules)
+	@$(PY) -m pytest tests/unit
 
 test-integration: venv-serving binaries $(NODE_IMAGES) ## Integration tests on the local cluster
 	@$(IN_CLUSTER) $(SPY) -m pytest -m integration

@@ -15,7 +15,7 @@ After each target is up, and before each measurement, the placement is checked (
 threads started since are moved); it is printed once per target.
 
 Targets (BENCH_TARGETS, default `vllm,app,rayllm`), all serving the tiny test model
-(tramontane.serving.testmodel) with the same engine arguments:
+(e2e/testmodel.py) with the same engine arguments:
 
 - vllm: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`, what
   `vllm serve` runs with one API server);
@@ -99,12 +99,12 @@ from typing import Any
 
 import localray
 from loadgen import LoadReport, TimedResult, closed_loop, open_loop, percentile, poisson_arrivals
+from testmodel import ensure_model
 from tramontane.api.serving import ServingArgs
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.render.rayservice import SERVE_PORT, serve_config
 from tramontane.serving import config as serving_config  # pure: no Ray import
 from tramontane.serving.config import MODEL_ROOT_ENV, RAY_SERVE_ENV
-from tramontane.serving.testmodel import ensure_model
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("TRAMONTANE_SERVING_VENV", REPO / ".venv-serving"))

@@ -272,7 +272,7 @@ def _adopt_leftovers() -> None:
 
 
 def demo() -> None:
-    from tramontane.serving import testmodel  # noqa: PLC0415 (torch: serving venv only)
+    import testmodel  # noqa: PLC0415 (torch: serving venv only)
 
     steps = _Steps()
     kubeconfig = localcluster.kubeconfig_path()

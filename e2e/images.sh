@@ -19,8 +19,8 @@
 #
 # Cache (outside the repo): ${TRAMONTANE_CACHE:-~/.cache/tramontane}/images/
 #   <name>-<key>.tar       the image: an OCI layout with the tag `dev`. <key> hashes every input:
-#                          this script, the lock, the Debian choice, operator/tramontane's sources
-#                          (the pause image: its binary).
+#                          this script, the lock, the Debian choice, the image's part of
+#                          operator/tramontane (the pause image: its binary).
 #   runtime/<name>-<key>/  an OCI layout of the Debian and venv layers only, keyed without the
 #                          sources: a change to operator/tramontane rebuilds one small layer and
 #                          re-tars (~20 s), not the 7 GB serving venv (~2.5 min).
@@ -61,6 +61,10 @@ SERVING_ENV="PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 # None: KubeRay supplies the command, as with the Dockerfile's Ray base image.
 SERVING_ENTRYPOINT=""
 SERVING_CMD=""
+# What of operator/ the image holds (the Dockerfile copies the same): the serving app imports
+# tramontane.api and tramontane.serving, nothing of the operator's.
+SERVING_SOURCES="tramontane/__init__.py tramontane/py.typed tramontane/api tramontane/serving"
+SERVING_EXCLUDE=""
 
 # What python:3.11-slim adds to Debian: ca-certificates, netbase, tzdata.
 OPERATOR_IMAGE=tramontane/operator
@@ -74,6 +78,9 @@ OPERATOR_ENV="PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 OPERATOR_ENTRYPOINT="python -m tramontane.cli operator"
 OPERATOR_CMD=""
 OPERATOR_PORTS="8080 9443"
+# All of tramontane but the serving app, which runs in the serving image.
+OPERATOR_SOURCES=tramontane
+OPERATOR_EXCLUDE=tramontane/serving
 
 # As upstream's build/pause/Dockerfile: the static binary alone, as 65535:65535.
 PAUSE_IMAGE=tramontane/pause
@@ -136,10 +143,21 @@ var() { local v="${1^^}_$2"; printf '%s' "${!v}"; }
 
 digest() { sha256sum | cut -c1-16; }
 
+# app_files NAME: the files of operator/ that image NAME holds (its SOURCES but its EXCLUDE, no
+# bytecode), relative to operator/, NUL-separated.
+app_files() {
+  local -a sources excluded=()
+  local path
+  read -ra sources <<< "$(var "$1" SOURCES)"
+  for path in $(var "$1" EXCLUDE); do excluded+=(! -path "$path" ! -path "$path/*"); done
+  (cd "$repo/operator" && find "${sources[@]}" -type f ! -path '*/__pycache__/*' \
+    ! -name '*.py[co]' "${excluded[@]}" -print0 | LC_ALL=C sort -z)
+}
+
+# sources_digest NAME: what image NAME's app layer is made from.
 sources_digest() {
   {
-    (cd "$repo/operator" && find tramontane -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' \
-      -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+    app_files "$1" | (cd "$repo/operator" && xargs -0 sha256sum)
     sha256sum < "$repo/images/serving/sitecustomize.py"
   } | digest
 }
@@ -158,7 +176,7 @@ runtime_key() {
 image_key() {
   case "$1" in
     pause) { cat "$self"; sha256sum < "$(pause_binary)"; } | digest ;;
-    *) { runtime_key "$1"; sources_digest; } | digest ;;
+    *) { runtime_key "$1"; sources_digest "$1"; } | digest ;;
   esac
 }
 
@@ -314,15 +332,14 @@ build_runtime() {
   prune "$images/runtime" "$name-$key"
 }
 
-# app_layer IMAGE WORK NAME: tramontane's sources (without a checkout's __pycache__) with their bytecode,
+# app_layer IMAGE WORK NAME: the image's part of tramontane's sources (app_files) with their bytecode,
 # owned by root so the image's users can read but not change them, compiled as the Dockerfiles do
 # (unchecked-hash: the .pyc files are valid whatever the mtimes), by the host's Python 3.11 (same
 # bytecode format as the image's 3.11); -s/-p make them name the image's paths in tracebacks.
 app_layer() {
   local image="$1" stage="$2/app"
   mkdir -p "$stage$TRAMONTANE_DIR"
-  tar -C "$repo/operator" --exclude=__pycache__ --exclude='*.py[co]' -cf - tramontane \
-    | tar -C "$stage$TRAMONTANE_DIR" -xf -
+  app_files "$3" | tar -C "$repo/operator" --null -T - -cf - | tar -C "$stage$TRAMONTANE_DIR" -xf -
   if [[ "$3" == serving ]]; then
     # Every Python process of the serving image asks for Intel AMX first thing (see the file).
     cp "$repo/images/serving/sitecustomize.py" "$stage$TRAMONTANE_DIR/"

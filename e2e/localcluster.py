@@ -461,7 +461,6 @@ def _wait(what: str, check: Callable[[], bool], timeout: float, pid: int | None 
 def _argv(component: str) -> tuple[list[str], dict[str, str]]:  # noqa: PLR0911 (one per component)
     art = artifact_dirs()
     pki = STATE / "pki"
-    f"https://127.0.0.1:{PORTS['kube-apiserver']}"
     if component == "etcd":
         client, peer = (
             f"https://127.0.0.1:{PORTS['etcd']}",

@@ -280,8 +280,8 @@ def localize(serve_config: dict[str, Any], keys_folder: Path) -> tuple[dict[str,
     accelerators Ray Serve LLM runs vLLM's Ray executor, which vLLM's CPU build refuses), and
     the API keys come from a local folder instead of the mounted Secret.
     """
+    from testmodel import ensure_adapter, ensure_model  # noqa: PLC0415
     from tramontane.api.serving import ServingAccelerator, ServingArgs  # noqa: PLC0415
-    from tramontane.serving.testmodel import ensure_adapter, ensure_model  # noqa: PLC0415
 
     model = ensure_model()
     root = STATE / "model-root"

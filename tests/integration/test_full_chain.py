@@ -31,11 +31,11 @@ import yaml
 import fullchain
 import localcluster
 import realnode
+import testmodel
 from fullchain import ADAPTER, CHART, ROOT, SERVED_NAME, chart_values, helm
 from tests.integration.conftest import OperatorProcess
 from tests.kube import Kubectl, KubectlError, eventually, tenant_manifest
 from tramontane.api.serving import engine_deployment_name
-from tramontane.serving import testmodel
 
 T = TypeVar("T")
 

@@ -18,11 +18,11 @@ import pytest
 import yaml
 
 from localray import LocalRay, running
+from testmodel import ensure_adapter, ensure_model, load_tokenizer
 from tests.otelcol import Collector
 from tramontane.api.serving import ServingArgs
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.render.rayservice import SERVE_PORT, serve_config
-from tramontane.serving.testmodel import ensure_adapter, ensure_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "config" / "samples" / "modeldeployment.yaml"

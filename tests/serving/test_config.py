@@ -17,6 +17,9 @@ from tramontane.api.serving import ServingArgs
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.serving import config
 
+# Ray Serve LLM and vLLM are only in the serving environment; no engine.
+pytestmark = pytest.mark.serving
+
 SAMPLE = Path(__file__).resolve().parents[2] / "config" / "samples" / "modeldeployment.yaml"
 
 

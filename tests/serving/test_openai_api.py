@@ -10,9 +10,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from testmodel import greedy_continuation
 from tests.kube import eventually
 from tests.serving.conftest import ServedApp
-from tramontane.serving.testmodel import greedy_continuation
 
 pytestmark = pytest.mark.serving
 
@@ -63,7 +63,7 @@ def expected_text(
     tokenizer: Any, prompt_ids: list[int], max_tokens: int, adapter: str | None = None
 ) -> str:
     """What greedy decoding of the test model answers: its weights are built to decide each
-    token by a wide margin (tramontane.serving.testmodel), so this holds on any CPU."""
+    token by a wide margin (e2e/testmodel.py), so this holds on any CPU."""
     return str(tokenizer.decode(greedy_continuation(tokenizer, prompt_ids, max_tokens, adapter)))
 
 

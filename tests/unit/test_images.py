@@ -316,6 +316,19 @@ def test_operator_lock_has_dev_locks_versions() -> None:
     )
 
 
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name a Python file imports (`from a import b`: a and a.b), anywhere in
+    it (imports inside functions too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
 def _third_party_imports(package: Path, skip: str) -> dict[str, set[str]]:
     """Top-level modules outside the standard library imported by the package (but `skip`)."""
     found: dict[str, set[str]] = {}
@@ -323,17 +336,10 @@ def _third_party_imports(package: Path, skip: str) -> dict[str, set[str]]:
         relative = path.relative_to(package)
         if relative.parts[0] == skip:
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top != "tramontane":
-                    found.setdefault(top, set()).add(str(relative))
+        for name in imported_modules(path):
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top != "tramontane":
+                found.setdefault(top, set()).add(str(relative))
     return found
 
 

@@ -24,12 +24,14 @@ from tests.unit.test_images import (
     SERVING,
     Stage,
     arg_default,
+    imported_modules,
     lock_pins,
     parse,
 )
 from tramontane.render import rayservice
 
 SCRIPT = ROOT / "e2e" / "images.sh"
+SOURCE_ROOT = ROOT / "operator"  # where the tramontane package is
 BEGIN = "# --- What the images are."
 END = "# --- end of the KEY=value lines"
 NAMES = ("serving", "operator", "pause")
@@ -158,13 +160,95 @@ def test_environments_agree(decl: dict[str, str], name: str, dockerfile: Path) -
     assert ours["PATH"].split(":")[0] == f"{decl['VENV_DIR']}/bin"
 
 
-@pytest.mark.parametrize("dockerfile", [SERVING, OPERATOR], ids=lambda p: p.parent.name)
-def test_tramontane_is_copied_to_the_same_place(decl: dict[str, str], dockerfile: Path) -> None:
-    copies = [args for stage in parse(dockerfile) for args in stage.all("COPY")]
-    assert any(
-        args.split()[-2:] == ["operator/tramontane", f"{decl['TRAMONTANE_DIR']}/tramontane"]
-        for args in copies
-    ), copies
+def _is_source(path: Path) -> bool:
+    return (
+        path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo")
+    )
+
+
+def _files_under(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if _is_source(p))
+
+
+def script_files(decl: dict[str, str], name: str) -> set[str]:
+    """The files of operator/ that e2e/images.sh puts into image NAME (its app_files)."""
+    excluded = decl[f"{name.upper()}_EXCLUDE"].split()
+    files = {
+        path.relative_to(SOURCE_ROOT).as_posix()
+        for source in decl[f"{name.upper()}_SOURCES"].split()
+        for path in _files_under(SOURCE_ROOT / source)
+    }
+    return {f for f in files if not any(f == e or f.startswith(f"{e}/") for e in excluded)}
+
+
+def dockerfile_files(dockerfile: Path, directory: str) -> set[str]:
+    """The files of operator/ that the Dockerfile puts under DIRECTORY (its COPY lines from
+    operator/ and its `rm -r` lines), relative to DIRECTORY as script_files' are to operator/."""
+    files: set[str] = set()
+    for stage in parse(dockerfile):
+        for keyword, args in stage.instructions:
+            if keyword == "COPY":
+                *sources, target = [word for word in args.split() if not word.startswith("--")]
+                for source in (ROOT / s for s in sources if s.startswith("operator/")):
+                    if source.is_dir():
+                        files |= {f"{target}/{p.relative_to(source).as_posix()}"
+                                  for p in _files_under(source)}  # fmt: skip
+                    else:
+                        files.add(f"{target}{source.name}" if target.endswith("/") else target)
+            elif keyword == "RUN":
+                for removed in re.findall(r"\brm -r (\S+)", args):
+                    files = {f for f in files if f != removed and not f.startswith(f"{removed}/")}
+    return {f.removeprefix(f"{directory}/") for f in files if f.startswith(f"{directory}/")}
+
+
+@pytest.mark.parametrize(("name", "dockerfile"), [("serving", SERVING), ("operator", OPERATOR)])
+def test_both_recipes_copy_the_same_part_of_tramontane(
+    decl: dict[str, str], name: str, dockerfile: Path
+) -> None:
+    ours = script_files(decl, name)
+    assert ours, f"e2e/images.sh copies nothing of operator/ into {name}"
+    assert dockerfile_files(dockerfile, decl["TRAMONTANE_DIR"]) == ours
+
+
+def _module_file(module: str) -> Path | None:
+    path = SOURCE_ROOT.joinpath(*module.split("."))
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def tramontane_closure(entry: str) -> set[str]:
+    """The files of tramontane that importing ENTRY may import (relative to operator/), its
+    packages' __init__.py included."""
+    seen: set[str] = set()
+    todo = [entry]
+    while todo:
+        parts = todo.pop().split(".")
+        for depth in range(1, len(parts) + 1):  # a module's packages are imported first
+            path = _module_file(".".join(parts[:depth]))
+            if path is None or path.relative_to(SOURCE_ROOT).as_posix() in seen:
+                continue
+            seen.add(path.relative_to(SOURCE_ROOT).as_posix())
+            todo += [m for m in imported_modules(path) if m.split(".")[0] == "tramontane"]
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("name", "entry", "foreign"),
+    [
+        ("serving", "tramontane.serving.app", "tramontane/controller"),  # serveConfigV2's import
+        ("operator", "tramontane.cli", "tramontane/serving"),  # the ENTRYPOINT
+    ],
+)
+def test_each_image_holds_what_it_runs_and_not_the_other_program(
+    decl: dict[str, str], name: str, entry: str, foreign: str
+) -> None:
+    files = script_files(decl, name)
+    needed = tramontane_closure(entry)
+    assert len(needed) > 3, f"the import scan of {entry} found almost nothing: it is broken"
+    assert not needed - files, f"{name} image lacks what {entry} imports: {needed - files}"
+    assert not [f for f in files if f.startswith(f"{foreign}/")], f"{name} holds {foreign}"
 
 
 def test_both_serving_recipes_put_the_amx_request_first_on_the_path(decl: dict[str, str]) -> None:

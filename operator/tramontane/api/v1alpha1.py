@@ -59,7 +59,6 @@ URI_DESCRIPTION = (
     "Where the weights are: s3://bucket/prefix, gs://bucket/prefix, pvc://claim/path "
     "(mounted read-only) or hf://org/name."
 )
-GPU_COUNTS = (1, 2, 4, 8)
 MAX_NAME_LENGTH = 40  # leaves room for the suffixes KubeRay adds to RayCluster and pod names
 
 

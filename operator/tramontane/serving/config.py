@@ -23,6 +23,11 @@ __all__ = ["RAY_SERVE_ENV"]  # re-exported: local Ray instances (tests, benchmar
 MODEL_ROOT_ENV = "TRAMONTANE_MODEL_ROOT"
 
 
+def parse_args(args: dict[str, Any]) -> ServingArgs:
+    """Validate the args Ray Serve passes in (the operator rendered them from the same model)."""
+    return ServingArgs.model_validate(args)
+
+
 def model_root() -> str:
     return os.environ.get(MODEL_ROOT_ENV, MODEL_ROOT)
 
@@ -123,6 +128,6 @@ def llm_config(args: ServingArgs, root: str) -> dict[str, Any]:
     if args.accelerator.gpus:
         config["accelerator_type"] = args.accelerator.type
     if args.adapters:
-        # Adapters are resolved by name (tramontane.serving.app), not from one bucket prefix.
+        # Adapters are resolved by name (tramontane.serving.adapters), not from one bucket prefix.
         config["lora_config"] = {"max_num_adapters_per_replica": len(args.adapters)}
     return config

@@ -22,6 +22,9 @@ from starlette.testclient import TestClient
 
 from tramontane.serving.front import OpenAIFront
 
+# starlette and Ray (tramontane.serving.usage) are only in the serving environment; no engine.
+pytestmark = pytest.mark.serving
+
 BASE = "tiny-llama"
 ADAPTERS = ("finance-reports",)
 

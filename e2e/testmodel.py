@@ -29,7 +29,7 @@ hashing everything that determines its bytes) through a temporary folder renamed
 a half-written model is never seen and concurrent builders don't clash. LoRA adapters for it
 (in PEFT's file layout) go in `<model>-adapters/<name>`.
 
-    python -m tramontane.serving.testmodel [--output DIR] [--adapter NAME ...]
+    python e2e/testmodel.py [--output DIR] [--adapter NAME ...]
 
 prints the model's folder (then `NAME=PATH` per adapter). The engine's libraries (torch,
 transformers, tokenizers, safetensors) are only in the serving environment
@@ -429,7 +429,7 @@ def folder_digest(folder: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tramontane.serving.testmodel",
+        prog="python e2e/testmodel.py",
         description="Build (once) the tiny test model and print its folder.",
     )
     parser.add_argument("--output", type=Path, help="model folder (default: in the cache)")

@@ -24,6 +24,9 @@ from tramontane.serving import tracing
 from tramontane.serving.front import UsageMiddleware
 from tramontane.serving.usage import UsageMetrics
 
+# starlette and Ray (tramontane.serving.usage) are only in the serving environment; no engine.
+pytestmark = pytest.mark.serving
+
 
 async def completions(request: Request) -> JSONResponse:
     # What the inner layers note in the request's state (OpenAIFront, ResponseAccounting).

@@ -14,12 +14,15 @@ from typing import Any
 
 import pytest
 
-from tramontane.serving import testmodel
+import testmodel
+
+# torch, transformers and tokenizers are only in the serving environment.
+pytestmark = pytest.mark.serving
 
 ADAPTERS = ("finance-reports", "contracts-legal")
-# sha256 of the built folders (tramontane.serving.testmodel.folder_digest). They change only with
+# sha256 of the built folders (testmodel.folder_digest). They change only with
 # the recipe or the pinned torch/transformers/tokenizers/safetensors: then bump testmodel.FORMAT
-# and put the new digests here (`python -m tramontane.serving.testmodel --output DIR --digest
+# and put the new digests here (`python e2e/testmodel.py --output DIR --digest
 # --adapter finance-reports --adapter contracts-legal` prints them).
 PINNED_DIGESTS = {
     "model": "c8e909dc4f25bb47f02155c452c6823a8ab308bbf3060741ffaef67e5b373eb8",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import localcluster
+from tests.ports import free_port
 from tests.processes import start_process, stop_process
 
 
@@ -41,12 +42,6 @@ def binary() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -56,8 +51,8 @@ def _listening(port: int) -> bool:
 @dataclass
 class Collector:
     workdir: Path
-    http_port: int = field(default_factory=_free_port)
-    grpc_port: int = field(default_factory=_free_port)
+    http_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
     @property

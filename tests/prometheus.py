@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -27,6 +26,7 @@ from typing import Any
 import yaml
 
 import localcluster
+from tests.ports import free_port
 from tests.processes import start_process, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,12 +45,6 @@ def binary(name: str) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class QueryError(RuntimeError):
     pass
 
@@ -61,7 +55,7 @@ class Prometheus:
     scrape_configs: list[dict[str, Any]]
     rule_files: list[Path] = field(default_factory=list)
     interval: str = "1s"
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -26,9 +26,10 @@ import yaml
 
 import localcluster
 from fullchain import helm
-from tests.integration.conftest import OperatorProcess, _free_port
 from tests.integration.test_operator import get, sample, wait_ready
 from tests.kube import Kubectl, eventually, tenant_manifest
+from tests.operator_process import OperatorProcess
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tramontane"
@@ -233,7 +234,7 @@ def release(
     cluster.run("delete", "-f", str(ROOT / "policies/admission"), "--ignore-not-found")
     cluster.run("create", "namespace", namespace)
     cluster.run("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
-    rel = Release(name, namespace, cluster, _free_port(), tmp_path_factory.mktemp("chart"))
+    rel = Release(name, namespace, cluster, free_port(), tmp_path_factory.mktemp("chart"))
     install = helm(
         "install", name, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s",
         "--set", f"webhook.url=https://127.0.0.1:{rel.webhook_port}",

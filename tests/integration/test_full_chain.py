@@ -33,8 +33,8 @@ import localcluster
 import realnode
 import testmodel
 from fullchain import ADAPTER, CHART, ROOT, SERVED_NAME, chart_values, helm
-from tests.integration.conftest import OperatorProcess
 from tests.kube import Kubectl, KubectlError, eventually, tenant_manifest
+from tests.operator_process import OperatorProcess
 from tramontane.api.serving import engine_deployment_name
 
 T = TypeVar("T")

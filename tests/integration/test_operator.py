@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 import localcluster
-from tests.integration.conftest import OperatorProcess
 from tests.kube import Kubectl, eventually
+from tests.operator_process import OperatorProcess
 from tests.otelcol import Collector
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import SERVING_OTLP_ENDPOINT, OperatorProcess
 from tests.integration.test_operator import condition, get, sample, wait_ready
 from tests.kube import Kubectl, KubectlError, eventually, tenant_manifest
+from tests.operator_process import SERVING_OTLP_ENDPOINT, OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 EU_REGIONS = {"eu-west-1", "eu-west-3", "eu-central-1", "eu-central-2", "eu-north-1",

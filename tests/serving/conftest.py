@@ -9,50 +9,22 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
 from localray import LocalRay, running
 from testmodel import ensure_adapter, ensure_model, load_tokenizer
 from tests.otelcol import Collector
+from tests.serving.served_app import MODELS_CLAIM, SERVE_URL, ServedApp
 from tramontane.api.serving import ServingArgs
 from tramontane.api.v1alpha1 import ModelDeployment
-from tramontane.render.rayservice import SERVE_PORT, serve_config
+from tramontane.render.rayservice import serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "config" / "samples" / "modeldeployment.yaml"
-MODELS_CLAIM = "test-models"  # the "PVC" holding the test models, see model_root
-SERVE_URL = f"http://127.0.0.1:{SERVE_PORT}"
-
-
-@dataclass(frozen=True)
-class ServedApp:
-    """A deployed application and what clients need to call it."""
-
-    url: str
-    name: str
-    model: str
-    adapters: tuple[str, ...]
-    keys: dict[str, str]  # key name → key
-    ray: LocalRay
-    config: dict[str, Any]
-
-    def client(self, key: str | None = "app-a", **kwargs: Any) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=120, **kwargs)
-
-    def async_client(self, key: str = "app-a", **kwargs: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {self.keys[key]}"},
-            timeout=300,
-            **kwargs,
-        )
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.kube import eventually
-from tests.serving.conftest import MODELS_CLAIM, SERVE_URL, ServedApp
+from tests.serving.served_app import MODELS_CLAIM, SERVE_URL, ServedApp
 from tramontane.api.serving import ServingArgs
 from tramontane.api.v1alpha1 import ModelDeployment
 from tramontane.render.rayservice import serve_config

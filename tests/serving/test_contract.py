@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.serving.conftest import ServedApp
+from tests.serving.served_app import ServedApp
 
 pytestmark = pytest.mark.serving
 

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from testmodel import greedy_continuation
 from tests.kube import eventually
-from tests.serving.conftest import ServedApp
+from tests.serving.served_app import ServedApp
 
 pytestmark = pytest.mark.serving
 

@@ -36,11 +36,10 @@ import pytest
 import yaml
 
 from tests import prometheus
-from tests.integration.conftest import OperatorProcess
 from tests.kube import Kubectl, eventually, tenant_manifest
-from tests.otelcol import Collector
+from tests.operator_process import OperatorProcess
 from tests.prometheus import Prometheus
-from tests.serving.conftest import ServedApp
+from tests.serving.served_app import ServedApp
 from tests.serving.test_openai_api import chat
 from tramontane.api.serving import ServingArgs
 
@@ -50,25 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def metrics_operator(
-    cluster: Kubectl, otel_collector: Collector, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    """The operator, on the local cluster with our CRDs. The integration tests' operator fixture is
-    not visible from here; when it runs in the same session, both reconcile the same objects,
-    which converge to the same state (and this one then serves the admission webhook)."""
-    for folder in ("crds", "policies/admission"):
-        cluster.run("apply", "--server-side", "--force-conflicts", "-f", str(REPO / folder))
-    cluster.run("wait", "--for=condition=Established", "--timeout=60s",
-                "crd/modeldeployments.tramontane.dev", "crd/tenants.tramontane.dev")  # fmt: skip
-    log_path = tmp_path_factory.mktemp("operator") / "operator.log"
-    process = OperatorProcess(cluster.kubeconfig, log_path, otel_collector.endpoint)
-    process.start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def tenant(cluster: Kubectl, metrics_operator: OperatorProcess) -> Iterator[str]:
+def tenant(cluster: Kubectl, operator: OperatorProcess) -> Iterator[str]:
     """A Tenant (its name is its namespace) with a GPU quota, reconciled by the operator."""
     name = f"metrics-{uuid.uuid4().hex[:6]}"
     cluster.run("apply", "-f", str(REPO / "policies/presets/unrestricted.yaml"))
@@ -80,7 +61,7 @@ def tenant(cluster: Kubectl, metrics_operator: OperatorProcess) -> Iterator[str]
 
 @pytest.fixture(scope="module")
 def scraping(
-    metrics_operator: OperatorProcess,
+    operator: OperatorProcess,
     sample_app: ServedApp,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Prometheus]:
@@ -91,7 +72,7 @@ def scraping(
         scrape_configs=[
             {
                 "job_name": "tramontane-operator",
-                "static_configs": [{"targets": [urlsplit(metrics_operator.url).netloc]}],
+                "static_configs": [{"targets": [urlsplit(operator.url).netloc]}],
             },
             {
                 "job_name": "tramontane-serving",

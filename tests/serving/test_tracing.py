@@ -14,7 +14,7 @@ import pytest
 
 from tests.kube import eventually
 from tests.otelcol import Collector, ReceivedSpan
-from tests.serving.conftest import ServedApp
+from tests.serving.served_app import ServedApp
 from tests.serving.test_openai_api import chat, sse_events
 from tramontane.api.serving import ServingArgs
 

@@ -223,14 +223,14 @@ def test_service_account_tokens_authenticate_and_rbac_applies(
 
 def test_up_is_idempotent_and_replaces_a_dead_component(cluster: Kubectl) -> None:
     before = localcluster.our_processes()
-    assert all(len(before[c]) == 1 for c in localcluster.COMPONENTS)
+    assert all(len(before[c.name]) == 1 for c in localcluster.COMPONENTS)
 
     localcluster.up()
     assert localcluster.our_processes() == before, "a second `up` must reuse, not restart"
 
     # A crashed component (here KWOK, killed without a chance to clean up) is replaced once.
     os.kill(before["kwok"][0], signal.SIGKILL)
-    eventually(lambda: not localcluster.HEALTH["kwok"](), 10, "KWOK to be down")
+    eventually(lambda: not localcluster.component("kwok").healthy(), 10, "KWOK to be down")
     localcluster.up()
     after = localcluster.our_processes()
     assert len(after["kwok"]) == 1

@@ -223,27 +223,36 @@ class ChartOperator(OperatorProcess):
 def release(
     crds: Kubectl, operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Release]:
-    """`helm install` into a restricted namespace. The suite's own operator steps aside (one
-    operator per cluster) and its webhook configuration with it; both come back afterwards."""
+    """`helm install` into a restricted namespace. The suite's own operator steps aside and its
+    webhook configuration with it: two operators would both reconcile the chart tests' Tenants
+    and ModelDeployments (nothing splits the objects between them, and kopf peering ranks by
+    start time, so the older suite operator would outrank the chart's), and the suite operator
+    would do the work these tests require the chart's RBAC to be enough for. Whatever fails,
+    from the first step on, the suite operator and the admission policies come back, so no later
+    test depends on how this module ended."""
     cluster = crds
     name = f"r{uuid.uuid4().hex[:5]}"
     namespace = f"tramontane-{name}"
-    operator.stop()
-    cluster.run("delete", "validatingwebhookconfiguration", "tramontane.dev", "--ignore-not-found")
-    # The chart owns the residency admission policies; the suite applied them without Helm.
-    cluster.run("delete", "-f", str(ROOT / "policies/admission"), "--ignore-not-found")
-    cluster.run("create", "namespace", namespace)
-    cluster.run("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     rel = Release(name, namespace, cluster, free_port(), tmp_path_factory.mktemp("chart"))
-    install = helm(
-        "install", name, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s",
-        "--set", f"webhook.url=https://127.0.0.1:{rel.webhook_port}",
-        "--set", "webhook.certIPAddresses={127.0.0.1}",
-        "--set", f"kuberay.identities={{{localcluster.KUBERAY_USER}}}",
-        kubeconfig=cluster.kubeconfig,
-    )  # fmt: skip
-    assert "STATUS: deployed" in install.stdout
+    operator.stop()
     try:
+        cluster.run(
+            "delete", "validatingwebhookconfiguration", "tramontane.dev", "--ignore-not-found"
+        )
+        # The chart owns the residency admission policies; the suite applied them without Helm.
+        cluster.run("delete", "-f", str(ROOT / "policies/admission"), "--ignore-not-found")
+        cluster.run("create", "namespace", namespace)
+        cluster.run(
+            "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
+        )
+        install = helm(
+            "install", name, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s",
+            "--set", f"webhook.url=https://127.0.0.1:{rel.webhook_port}",
+            "--set", "webhook.certIPAddresses={127.0.0.1}",
+            "--set", f"kuberay.identities={{{localcluster.KUBERAY_USER}}}",
+            kubeconfig=cluster.kubeconfig,
+        )  # fmt: skip
+        assert "STATUS: deployed" in install.stdout
         yield rel
     finally:
         helm("uninstall", name, "-n", namespace, "--wait", kubeconfig=cluster.kubeconfig,

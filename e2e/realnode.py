@@ -4,8 +4,8 @@ and CoreDNS, all built from their Go modules by `e2e/build.sh node`, whose pods 
 Everything lives in the network namespace of `e2e/netns.sh` (the "node" profile of the local
 cluster): the control plane listens there, the bridge `cni0` carries the node's address, and no
 route leads out. The recipe is the one verified in shared/REAL-PODS.md; the reasons for each
-setting are next to it. This module renders configuration and plans processes; localcluster.py
-starts, checks and stops them like the control plane's.
+setting are next to it. This module renders configuration and plans processes; e2e/cluster/
+(components.py, lifecycle.py) starts, checks and stops them like the control plane's.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import yaml
 import localcluster
 from fullchain import helm
 from tests.integration.test_operator import get, sample, wait_ready
-from tests.kube import Kubectl, eventually, tenant_manifest
+from tests.kube import Kubectl, KubectlError, eventually, tenant_manifest
 from tests.operator_process import OperatorProcess
 from tests.ports import free_port
 
@@ -336,6 +336,46 @@ def test_operator_with_the_chart_rbac_serves_a_tenant_end_to_end(release: Releas
         cluster.run("delete", "tenant", tenant, "--wait=false")
     finally:
         active.stop()
+
+
+def test_only_the_operator_may_label_pods_in_the_release_namespace(release: Release) -> None:
+    """The webhook Service routes to the pod labelled tramontane.dev/admission=decides. Whoever
+    could label a pod in the release namespace would receive the admission reviews, so the
+    chart's `pods: patch` is its operator's alone, and only there."""
+    cluster = release.cluster
+    operator = ChartOperator(release, "operator-rbac")
+    operator.start()
+    tenant = f"tc-{uuid.uuid4().hex[:6]}"
+    try:
+        cluster.apply(tenant_manifest(tenant, "unrestricted", gpus=8, deployments=4))
+        cluster.run("wait", f"tenant/{tenant}", "--for=condition=Ready", "--timeout=60s")
+        admin = cluster.as_user("mallory", f"{tenant}-admins")
+        admin.run("get", "md", "-n", tenant)  # the tenant's admin role is in place
+        pods = cluster.json("get", "pods", "-n", release.namespace, "-l",
+                            "app.kubernetes.io/component=operator")["items"]  # fmt: skip
+        pod = pods[0]["metadata"]["name"]
+        for args in (
+            ("label", "pod", pod, "tramontane.dev/admission=decides", "--overwrite"),
+            ("annotate", "pod", pod, "x=y"),
+            ("delete", "pod", pod),
+            ("get", "pods"),
+        ):
+            with pytest.raises(KubectlError) as denied:
+                admin.run(*args, "-n", release.namespace)
+            assert "Forbidden" in denied.value.stderr, args
+        account = f"system:serviceaccount:{release.namespace}:{release.fullname}"
+
+        def may_patch_pods(namespace: str) -> str:
+            answer = cluster.run("auth", "can-i", "patch", "pods", "-n", namespace,
+                                 "--as", account, check=False)  # fmt: skip
+            return answer.strip()
+
+        assert may_patch_pods(release.namespace) == "yes"
+        assert may_patch_pods(tenant) == "no"
+        assert may_patch_pods("kube-system") == "no"
+    finally:
+        cluster.run("delete", "tenant", tenant, "--wait=false", check=False)
+        operator.stop()
 
 
 def test_a_second_replica_waits_and_takes_over(release: Release) -> None:

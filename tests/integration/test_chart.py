@@ -26,8 +26,8 @@ import yaml
 
 import localcluster
 from fullchain import helm
-from tests.integration.test_operator import get, sample, wait_ready
 from tests.kube import Kubectl, KubectlError, eventually, tenant_manifest
+from tests.modeldeployments import get, sample, wait_ready
 from tests.operator_process import OperatorProcess
 from tests.ports import free_port
 

@@ -23,8 +23,8 @@ from kubernetes.client.exceptions import ApiException
 
 import localcluster
 from kubernetes import client, config
-from tests.integration.test_operator import condition, get, sample, wait_ready
 from tests.kube import Kubectl, eventually, tenant_manifest
+from tests.modeldeployments import condition, get, sample, wait_ready
 from tests.operator_process import OperatorProcess
 from tests.otelcol import Collector
 from tramontane.controller.admission import self_signed

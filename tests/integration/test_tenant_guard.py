@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 import localcluster
-from tests.integration.test_operator import sample
-from tests.integration.test_tenancy import MODELS_CLAIM, provision_tenant, remove_tenant
 from tests.kube import Kubectl, eventually
+from tests.modeldeployments import sample
 from tests.operator_process import OperatorProcess
+from tests.tenants import MODELS_CLAIM, provision_tenant, remove_tenant
 from tramontane.render.guard import fill_placeholders, render_guard_policies
 from tramontane.render.rayservice import RenderOptions
 

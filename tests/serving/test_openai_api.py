@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import httpx
@@ -12,30 +11,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from testmodel import greedy_continuation
 from tests.kube import eventually
+from tests.serving.openai_requests import chat, sse_events
 from tests.serving.served_app import ServedApp
 
 pytestmark = pytest.mark.serving
-
-
-def chat(model: str, content: str = "Bonjour", max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        # vLLM's extension: exactly max_tokens, whatever the model (real ones do emit EOS).
-        "ignore_eos": True,
-        **extra,
-    }
-
-
-def sse_events(response: httpx.Response) -> list[Any]:
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line.removeprefix("data: ")
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:

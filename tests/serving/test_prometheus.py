@@ -39,8 +39,8 @@ from tests import prometheus
 from tests.kube import Kubectl, eventually, tenant_manifest
 from tests.operator_process import OperatorProcess
 from tests.prometheus import Prometheus
+from tests.serving.openai_requests import chat
 from tests.serving.served_app import ServedApp
-from tests.serving.test_openai_api import chat
 from tramontane.api.serving import ServingArgs
 
 pytestmark = [pytest.mark.serving, pytest.mark.integration]

@@ -14,8 +14,8 @@ import pytest
 
 from tests.kube import eventually
 from tests.otelcol import Collector, ReceivedSpan
+from tests.serving.openai_requests import chat, sse_events
 from tests.serving.served_app import ServedApp
-from tests.serving.test_openai_api import chat, sse_events
 from tramontane.api.serving import ServingArgs
 
 pytestmark = pytest.mark.serving

@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,10 @@ from tests.kube import Kubectl, KubectlError, eventually, tenant_manifest
 from tests.modeldeployments import condition, get, sample, wait_ready
 from tests.operator_process import SERVING_OTLP_ENDPOINT, OperatorProcess
 from tests.tenants import MODELS_CLAIM, provision_tenant, remove_tenant
+from tramontane.controller import reconcile, tenants
+from tramontane.controller.indexes import Facts
+from tramontane.controller.kube import MODELDEPLOYMENT, TENANT, Kube
+from tramontane.controller.settings import TramontaneSettings
 
 REPO = Path(__file__).resolve().parents[2]
 EU_REGIONS = {"eu-west-1", "eu-west-3", "eu-central-1", "eu-central-2", "eu-north-1",
@@ -219,6 +224,71 @@ def test_deployment_made_non_compliant_by_a_policy_change_is_withdrawn(
     # Nothing is applied, and status says so (not "Applied").
     reconciled = condition(obj, "Reconciled")
     assert (reconciled["status"], reconciled["reason"]) == ("False", "Withdrawn")
+
+
+def test_indexes_that_miss_the_policy_neither_withdraw_nor_report_a_compliant_deployment(
+    cluster: Kubectl, make_tenant: Any, operator: OperatorProcess
+) -> None:
+    """A replica resumed after a peering pause reconciles while kopf lists every kind again: its
+    indexes may hold the namespace and the Tenant but not yet their ResidencyPolicy (seen in CI:
+    the standby taking over withdrew the full chain's deployment, and its endpoint went away for
+    minutes). The reconciles of the deployment and of its Tenant, given that view, confirm from
+    the API: the RayService stays (same uid), neither status says the policy is missing, and the
+    namespace quota keeps its room for the deployment's upgrade. The suite's operator is stopped
+    meanwhile: the replica with the lagging view is the only one acting, as after a take-over."""
+    tenant = make_tenant("eu")
+    cluster.apply(_eu_sample(tenant, "kept"))
+    wait_ready(cluster, tenant, "kept")
+
+    def rayservice_uid() -> str | None:
+        rayservice = get(cluster, "rayservice", tenant, "kept")
+        return str(rayservice["metadata"]["uid"]) if rayservice else None
+
+    def reconcile_tenant(facts: Facts) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Its Tenant reconciled with `facts`: the Tenant's status and the namespace's quota."""
+        body = kube.get(TENANT, None, tenant)
+        assert body is not None
+        tenants.reconcile_tenant(kube, body, settings.tenant_options(), facts)
+        quota = cluster.json("get", "resourcequota", "tramontane-tenant", "-n", tenant)
+        return cluster.json("get", "tenant", tenant)["status"], quota["spec"]["hard"]
+
+    before = rayservice_uid()
+    assert before
+    settings = TramontaneSettings.from_env(operator.environment())
+    kube = Kube.from_environment(str(cluster.kubeconfig))
+    current = Facts.from_api(kube, tenant, with_regions=False)
+    assert current.policy_of(current.owner()) is not None and current.deployments
+    # The view that withdrew before: no policy yet, and none of the namespace's deployments.
+    lagging = replace(current, policies={}, deployments=())
+    operator.stop()
+    try:
+        # The truth: the quota a reconcile with the whole view makes (room for one upgrade).
+        # The Tenant is Ready once the quota controller has computed a changed quota: its
+        # status event would reconcile again, done here by hand.
+        def counted() -> dict[str, Any] | None:
+            status, hard = reconcile_tenant(current)
+            return hard if status["modelDeployments"] == 1 else None
+
+        hard = eventually(counted, 30, "the Tenant Ready with its deployment counted")
+
+        body = kube.get(MODELDEPLOYMENT, tenant, "kept")
+        assert body is not None
+        reconcile.reconcile_modeldeployment(kube, body, settings.render_options(), lagging)
+        assert rayservice_uid() == before, "the RayService was withdrawn on the indexes' word"
+        md = cluster.json("get", "md", "kept", "-n", tenant)
+        assert condition(md, "ResidencyCompliant")["status"] == "True", md["status"]
+        assert condition(md, "Ready")["status"] == "True", md["status"]
+        events = cluster.json("get", "events.events.k8s.io", "-n", tenant)["items"]
+        assert not [e for e in events if e["reason"] == "ResidencyViolation"], events
+
+        for view in (lagging, replace(current, deployments=())):  # policies listed, not MDs
+            status_seen, hard_seen = reconcile_tenant(view)
+            ready = condition({"status": status_seen}, "Ready")
+            assert (ready["status"], ready["reason"]) == ("True", "Provisioned"), ready
+            assert status_seen["modelDeployments"] == 1
+            assert hard_seen == hard  # the room for an upgrade counts the deployment it missed
+    finally:
+        operator.start()
 
 
 def test_over_quota_deployment_is_rejected_naming_quota_and_use(

@@ -28,16 +28,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
-from tramontane.api.tenancy import ResidencyPolicy, Tenant
+from tramontane.api.tenancy import Tenant
 from tramontane.api.v1alpha1 import ModelDeployment
-from tramontane.controller import indexes, tenants
+from tramontane.controller import tenants
 from tramontane.controller.indexes import Facts
 from tramontane.controller.kube import (
     MODELDEPLOYMENT,
-    NAMESPACE,
-    RESIDENCYPOLICY,
-    TENANT,
-    Kind,
     Kube,
 )
 from tramontane.controller.peering import Mode
@@ -51,7 +47,6 @@ from tramontane.policy.residency import (
 from tramontane.render.tenant import TenancyError
 
 log = logging.getLogger(__name__)
-NODES = Kind("", "v1", "nodes", namespaced=False)
 CERT_CHECK_S = 10.0
 
 
@@ -189,33 +184,6 @@ class Invalid(kopf.AdmissionError):
             for e in error.errors()
         ]
         super().__init__("; ".join(problems), code=422)
-
-
-def facts_from_api(kube: Kube, namespace: str) -> Facts:
-    """What the indexes would say, read from the API: for a replica whose indexes are not
-    current (a peering standby: kopf pauses its watches), and to confirm a refusal."""
-    body = kube.get(NAMESPACE, None, namespace)
-    meta = (body or {}).get("metadata", {})
-    claimants = tuple(
-        Tenant.from_body(item)
-        for item in kube.list_all(TENANT)
-        if (item.get("spec") or {}).get("namespace") == namespace
-    )
-    found: dict[str, ResidencyPolicy] = {}
-    for name in {tenant.spec.residency_policy for tenant in claimants}:
-        if policy := kube.get(RESIDENCYPOLICY, None, name):
-            found[name] = ResidencyPolicy.from_body(policy)
-    listed = kube.list_all(MODELDEPLOYMENT, namespace) if body is not None else []
-    deployments = tuple(indexes.deployment_facts(item) for item in listed)
-    regions = indexes.regions_by_accelerator(indexes.node_pair(n) for n in kube.list_all(NODES))
-    return Facts(
-        namespace=namespace,
-        labels=None if body is None or meta.get("deletionTimestamp") else meta.get("labels") or {},
-        claimants=claimants,
-        policies=found,
-        deployments=deployments,
-        regions=regions,
-    )
 
 
 def _placement_check(md: ModelDeployment, facts: Facts) -> Tenant:
@@ -357,7 +325,7 @@ def admit_from_memory(
 
 
 def confirm(kube: Kube, namespace: str, refused: list[tuple[Review, ModelDeployment]]) -> None:
-    _decide(namespace, refused, facts_from_api(kube, namespace), from_indexes=False)
+    _decide(namespace, refused, Facts.from_api(kube, namespace), from_indexes=False)
 
 
 def admit_all(kube: Kube, namespace: str, reviews: list[Review], mode: Mode) -> None:
@@ -368,7 +336,7 @@ def admit_all(kube: Kube, namespace: str, reviews: list[Review], mode: Mode) -> 
         for review, _ in parsed:
             review.outcome = Standby()
     elif parsed:
-        _decide(namespace, parsed, facts_from_api(kube, namespace), from_indexes=False)
+        _decide(namespace, parsed, Facts.from_api(kube, namespace), from_indexes=False)
 
 
 def validate_tenant_deletion(kube: Kube, body: dict[str, Any]) -> None:

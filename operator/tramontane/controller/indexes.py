@@ -32,6 +32,14 @@ from tramontane.api.conditions import ConditionStatus, ConditionType, Reason
 from tramontane.api.labels import GPU_PRODUCT_LABEL, LAST_APPLIED_ANNOTATION, REGION_LABEL
 from tramontane.api.tenancy import ResidencyPolicy, Tenant
 from tramontane.api.v1alpha1 import AcceleratorType, ModelDeployment
+from tramontane.controller.kube import (
+    MODELDEPLOYMENT,
+    NAMESPACE,
+    NODES,
+    RESIDENCYPOLICY,
+    TENANT,
+    Kube,
+)
 from tramontane.policy.residency import gpus_at_max_scale
 from tramontane.render.rayservice import GPU_PRODUCTS, model_claims
 from tramontane.render.tenant import TenancyError, owning_tenant
@@ -221,6 +229,46 @@ class Facts:
             if with_deployments
             else (),
             regions=regions,
+        )
+
+    @classmethod
+    def from_api(
+        cls,
+        kube: Kube,
+        namespace: str,
+        *,
+        with_deployments: bool = True,
+        with_regions: bool = True,
+    ) -> Facts:
+        """What the indexes would say, read from the API: for a replica whose indexes are not
+        current (a peering standby: kopf pauses its watches), and to confirm a refusal or a
+        withdrawal that the indexes alone would decide (see the module's docstring)."""
+        body = kube.get(NAMESPACE, None, namespace)
+        meta = (body or {}).get("metadata", {})
+        claimants = tuple(
+            Tenant.from_body(item)
+            for item in kube.list_all(TENANT)
+            if (item.get("spec") or {}).get("namespace") == namespace
+        )
+        found: dict[str, ResidencyPolicy] = {}
+        for name in {tenant.spec.residency_policy for tenant in claimants}:
+            if policy := kube.get(RESIDENCYPOLICY, None, name):
+                found[name] = ResidencyPolicy.from_body(policy)
+        listed = (
+            kube.list_all(MODELDEPLOYMENT, namespace)
+            if with_deployments and body is not None
+            else []
+        )
+        nodes = kube.list_all(NODES) if with_regions else []
+        return cls(
+            namespace=namespace,
+            labels=None
+            if body is None or meta.get("deletionTimestamp")
+            else meta.get("labels") or {},
+            claimants=claimants,
+            policies=found,
+            deployments=tuple(deployment_facts(item) for item in listed),
+            regions=regions_by_accelerator(node_pair(n) for n in nodes) if with_regions else {},
         )
 
     def owner(self) -> Tenant:

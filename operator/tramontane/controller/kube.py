@@ -68,6 +68,7 @@ BINDING = Kind(
 )
 POD = Kind("", "v1", "pods")
 CLUSTERKOPFPEERING = Kind("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
+NODES = Kind("", "v1", "nodes", namespaced=False)
 
 KINDS = {
     ("v1", "Namespace"): NAMESPACE,

@@ -110,7 +110,7 @@ def reconcile_modeldeployment(
         residency: ResidencyVerdict | None = None
         rayservice: dict[str, Any] | None = None
         try:
-            residency, placement, options = _residency(facts, md, options)
+            residency, placement, options = _confirmed_residency(kube, facts, md, options)
             if residency.status is ConditionStatus.FALSE:
                 _withdraw(kube, md, residency.message)
             elif residency.status is ConditionStatus.UNKNOWN:
@@ -273,6 +273,24 @@ def _residency(
         message += "; request spans not exported: the installation's OTLP endpoint is not in "
         message += "its telemetryEndpoints"
     return ResidencyVerdict(ConditionStatus.TRUE, Reason.WITHIN_POLICY, message), placement, options
+
+
+def _confirmed_residency(
+    kube: Kube, facts: Facts, md: ModelDeployment, options: RenderOptions
+) -> tuple[ResidencyVerdict, list[dict[str, Any]], RenderOptions]:
+    """`_residency` from the indexes, and from the API when they would hold or withdraw the
+    deployment. The indexes may miss what the API has: a replica resumed after a peering pause
+    reconciles while kopf is still listing the other kinds again (seen: a standby taking over
+    found the Tenant but not yet its ResidencyPolicy, and withdrew a compliant deployment), and
+    a policy applied with its deployment may be indexed after it. Neither a withdrawal nor a
+    False or Unknown status is decided on their word alone, as admission confirms a refusal."""
+    verdict = _residency(facts, md, options)
+    if verdict[0].status is ConditionStatus.TRUE:
+        return verdict
+    log.info("%s/%s: %s on the indexes' word, confirming from the API", md.namespace, md.name,
+             verdict[0].reason)  # fmt: skip
+    confirmed = Facts.from_api(kube, md.namespace, with_deployments=False, with_regions=False)
+    return _residency(confirmed, md, options)
 
 
 def _claims(kube: Kube, md: ModelDeployment) -> tuple[ClaimState, ...]:

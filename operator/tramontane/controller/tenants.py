@@ -128,6 +128,13 @@ def reconcile_tenant(
     ):
         result = "success"
         try:
+            counted = int((body.get("status") or {}).get("modelDeployments") or 0)
+            if facts.policy_of(tenant) is None or len(facts.deployments) < counted:
+                # Not in the indexes is not absent: a replica resumed after a peering pause
+                # reconciles while kopf lists every kind again. A missing policy would be
+                # reported, and missing deployments would shrink the quota's room for an
+                # upgrade: both are confirmed from the API first.
+                facts = Facts.from_api(kube, tenant.spec.namespace, with_regions=False)
             verdict = _provision(tenant, kube, options, facts)
         except ApiException as error:
             result = "error"

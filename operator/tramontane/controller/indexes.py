@@ -15,6 +15,10 @@ Two limits of kopf's indexes, and how we live with them:
   lists again (kopf adds what it lists, and removes only on DELETED events). A stale entry can
   only make us refuse (a quota counted twice, a second claimant for a namespace), never admit,
   so a refusal is confirmed from the API before it is given (admission.py).
+- kopf holds handlers until every kind is listed only the first time. A replica once active
+  that resumes after a pause reconciles while the other kinds are listed again, so objects
+  created meanwhile may be missing. A missing object too can only make us hold or withdraw:
+  reconciles confirm such verdicts from the API (Facts.from_api) before acting on them.
 """
 
 from __future__ import annotations

@@ -249,6 +249,7 @@ class Facts:
         withdrawal that the indexes alone would decide (see the module's docstring)."""
         body = kube.get(NAMESPACE, None, namespace)
         meta = (body or {}).get("metadata", {})
+        going = body is None or meta.get("deletionTimestamp")
         claimants = tuple(
             Tenant.from_body(item)
             for item in kube.list_all(TENANT)
@@ -266,9 +267,7 @@ class Facts:
         nodes = kube.list_all(NODES) if with_regions else []
         return cls(
             namespace=namespace,
-            labels=None
-            if body is None or meta.get("deletionTimestamp")
-            else meta.get("labels") or {},
+            labels=None if going else meta.get("labels") or {},
             claimants=claimants,
             policies=found,
             deployments=tuple(deployment_facts(item) for item in listed),

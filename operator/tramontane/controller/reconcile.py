@@ -284,11 +284,11 @@ def _confirmed_residency(
     found the Tenant but not yet its ResidencyPolicy, and withdrew a compliant deployment), and
     a policy applied with its deployment may be indexed after it. Neither a withdrawal nor a
     False or Unknown status is decided on their word alone, as admission confirms a refusal."""
-    verdict = _residency(facts, md, options)
-    if verdict[0].status is ConditionStatus.TRUE:
-        return verdict
+    verdict, placement, rendered = _residency(facts, md, options)
+    if verdict.status is ConditionStatus.TRUE:
+        return verdict, placement, rendered
     log.info("%s/%s: %s on the indexes' word, confirming from the API", md.namespace, md.name,
-             verdict[0].reason)  # fmt: skip
+             verdict.reason)  # fmt: skip
     confirmed = Facts.from_api(kube, md.namespace, with_deployments=False, with_regions=False)
     return _residency(confirmed, md, options)
 
